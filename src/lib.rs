@@ -1,14 +1,45 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! # event-processor
+//!
+//! Turns a PostgreSQL application's transactional outbox into MongoDB read models:
+//!
+//! ```text
+//! PostgreSQL WAL -> Debezium (Kafka Connect) -> Kafka -> [kafka] -> [decode] -> [registry] -> handlers -> MongoDB
+//!                                                          |            |                          |
+//!                                                     commit from   undecodable            permanent failure
+//!                                                     [kafka::offsets]   `--------> [dlq] <--------'
+//! ```
+//!
+//! Delivery guarantee: Kafka delivers each record at least once, and a partition's offset is committed only past
+//! records whose every handler succeeded or whose failure the dead-letter topic acknowledged. Every handler
+//! write is an idempotent, guarded upsert keyed by a business id, so a redelivered or replayed event changes
+//! nothing. Together that is effectively-once processing on a standalone MongoDB, without transactions.
+//!
+//! ## Layout
+//! - [`config`]: environment variables, validated once.
+//! - [`app`]: wiring and the consumer loop ([`app::run`]); [`shutdown`]: the signal.
+//! - [`kafka`]: consumer, rebalances, commits; [`kafka::offsets`]: what may be committed.
+//! - [`decode`]: every Debezium record shape into an [`event::OutboxEvent`].
+//! - [`pipeline`]: per-record processing: fan-out, retries, isolation, dead letters.
+//! - [`registry`]: the [`registry::EventHandler`] trait and registration; [`handlers`]: the shipped read models.
+//! - [`store`]: MongoDB client, error classes, the guarded upsert; [`dlq`]: the dead-letter topic.
+//! - [`health`], [`http`], [`telemetry`]: what operators see.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod app;
+pub mod config;
+pub mod decode;
+pub mod dlq;
+pub mod event;
+pub mod handlers;
+pub mod health;
+pub mod http;
+pub mod kafka;
+pub mod pipeline;
+pub mod registry;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use app::{run, run_with_registry};
+pub use config::Config;
+pub use event::OutboxEvent;
+pub use registry::{EventHandler, HandlerContext, HandlerError, Registry};

@@ -1,0 +1,437 @@
+//! Configuration from environment variables (12-factor), read once with `envy` and validated at start-up. Owns
+//! defaults and cross-field checks; never logs a secret (`Secret` redacts credentials in `Debug`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// librdkafka properties the daemon's delivery guarantee depends on; `KAFKA_PROPERTY_*` cannot change them.
+const PROTECTED_KAFKA_PROPERTIES: &[&str] = &[
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "group.id",
+    "bootstrap.servers",
+    "enable.partition.eof",
+    "isolation.level",
+];
+
+/// Prefix of the librdkafka pass-through: `KAFKA_PROPERTY_SECURITY_PROTOCOL=SASL_SSL` sets
+/// `security.protocol`. `_` becomes `.`; write `__` for a literal `_`.
+pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
+
+/// A string that must not appear in logs. `Debug` and `Display` print a redacted form.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_uri(&self.0))
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_uri(&self.0))
+    }
+}
+
+/// `mongodb://user:pass@host` -> `mongodb://user:***@host`; anything without credentials is returned as is.
+pub fn redact_uri(uri: &str) -> String {
+    let Some(scheme_end) = uri.find("://") else {
+        return "***".to_string();
+    };
+    let rest = &uri[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &uri[..scheme_end + 3], user, &rest[at..])
+        }
+        None => uri.to_string(),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Every setting of the daemon. Field `foo_bar` is read from `FOO_BAR`; `.env.example` lists them all.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    pub kafka_bootstrap_servers: String,
+    #[serde(default = "d::group_id")]
+    pub kafka_group_id: String,
+    /// Comma-separated topics; an entry starting with `^` is a regular expression.
+    #[serde(default = "d::topics")]
+    pub kafka_topics: String,
+    /// Records taken from the consumer per poll.
+    #[serde(default = "d::hundred")]
+    pub kafka_max_poll_records: usize,
+    /// How long a poll waits for more records once it has one, in milliseconds.
+    #[serde(default = "d::poll_linger_ms")]
+    pub kafka_poll_linger_ms: u64,
+    #[serde(default = "d::offset_reset")]
+    pub kafka_auto_offset_reset: String,
+    #[serde(default = "d::session_timeout_ms")]
+    pub kafka_session_timeout_ms: u64,
+    #[serde(default = "d::max_poll_interval_ms")]
+    pub kafka_max_poll_interval_ms: u64,
+    /// Static group membership: a stable id per instance (e.g. the host name) avoids a rebalance on restart.
+    #[serde(default)]
+    pub kafka_group_instance_id: Option<String>,
+    /// Records processed (and committed) together.
+    #[serde(default = "d::hundred")]
+    pub processing_batch_size: usize,
+    /// Keys (aggregates) processed concurrently within a batch.
+    #[serde(default = "d::concurrency")]
+    pub processing_concurrency: usize,
+    pub mongodb_uri: Secret,
+    #[serde(default = "d::database")]
+    pub mongodb_database: String,
+    #[serde(default = "d::dlq_topic")]
+    pub dlq_topic: String,
+    /// Attempts of a handler that fails permanently (or panics) before its event is dead-lettered.
+    #[serde(default = "d::max_attempts")]
+    pub handler_max_attempts: u32,
+    #[serde(default = "d::handler_timeout_ms")]
+    pub handler_timeout_ms: u64,
+    #[serde(default = "d::retry_initial_ms")]
+    pub retry_initial_backoff_ms: u64,
+    #[serde(default = "d::retry_max_ms")]
+    pub retry_max_backoff_ms: u64,
+    /// How long shutdown waits for in-flight work before it commits what is finished and leaves.
+    #[serde(default = "d::shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+    #[serde(default = "d::log_level")]
+    pub log_level: String,
+    /// `json` or `pretty`.
+    #[serde(default = "d::log_format")]
+    pub log_format: String,
+    /// Port of the HTTP server for `/metrics`, `/health/live` and `/health/ready`; 0 disables it.
+    #[serde(default = "d::http_port")]
+    pub http_port: u16,
+    /// Interval of the periodic `total_processed` log line, in seconds.
+    #[serde(default = "d::stats_interval_secs")]
+    pub stats_interval_secs: u64,
+    /// librdkafka properties from `KAFKA_PROPERTY_*` (filled by [`Config::from_env`], not by `envy`).
+    #[serde(skip)]
+    pub kafka_properties: BTreeMap<String, String>,
+}
+
+mod d {
+    pub fn group_id() -> String {
+        "event-processor".into()
+    }
+    pub fn topics() -> String {
+        "postgres.activity.event_outbox".into()
+    }
+    pub fn hundred() -> usize {
+        100
+    }
+    pub fn poll_linger_ms() -> u64 {
+        5
+    }
+    pub fn offset_reset() -> String {
+        "earliest".into()
+    }
+    pub fn session_timeout_ms() -> u64 {
+        45_000
+    }
+    pub fn max_poll_interval_ms() -> u64 {
+        300_000
+    }
+    pub fn concurrency() -> usize {
+        64
+    }
+    pub fn database() -> String {
+        "event_processor".into()
+    }
+    pub fn dlq_topic() -> String {
+        "event-processor.dlq".into()
+    }
+    pub fn max_attempts() -> u32 {
+        3
+    }
+    pub fn handler_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn retry_initial_ms() -> u64 {
+        100
+    }
+    pub fn retry_max_ms() -> u64 {
+        30_000
+    }
+    pub fn shutdown_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn log_level() -> String {
+        "info".into()
+    }
+    pub fn log_format() -> String {
+        "json".into()
+    }
+    pub fn http_port() -> u16 {
+        9090
+    }
+    pub fn stats_interval_secs() -> u64 {
+        30
+    }
+}
+
+/// A configuration problem, naming the variable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Reads and validates the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads and validates the given variables (tests pass their own).
+    pub fn from_vars<I: IntoIterator<Item = (String, String)>>(
+        vars: I,
+    ) -> Result<Self, ConfigError> {
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        let mut cfg: Config =
+            envy::from_iter(vars.iter().cloned()).map_err(|e| ConfigError(envy_message(e)))?;
+        for (k, v) in &vars {
+            if let Some(rest) = k.strip_prefix(KAFKA_PROPERTY_PREFIX) {
+                let prop = rest
+                    .to_ascii_lowercase()
+                    .replace("__", "\u{0}")
+                    .replace('_', ".")
+                    .replace('\u{0}', "_");
+                if PROTECTED_KAFKA_PROPERTIES.contains(&prop.as_str()) {
+                    return Err(ConfigError(format!(
+                        "{k} would override `{prop}`, which the daemon sets itself for its delivery guarantee"
+                    )));
+                }
+                cfg.kafka_properties.insert(prop, v.clone());
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |var: &str, why: &str| Err(ConfigError(format!("{var} {why}")));
+        if self.kafka_bootstrap_servers.trim().is_empty() {
+            return bad("KAFKA_BOOTSTRAP_SERVERS", "must not be empty");
+        }
+        if self.kafka_group_id.trim().is_empty() {
+            return bad("KAFKA_GROUP_ID", "must not be empty");
+        }
+        if self.topics().is_empty() {
+            return bad("KAFKA_TOPICS", "must name at least one topic or ^pattern");
+        }
+        if self.topics().iter().any(|t| t == &self.dlq_topic) {
+            return bad(
+                "DLQ_TOPIC",
+                "must not be one of KAFKA_TOPICS (dead letters would be consumed again)",
+            );
+        }
+        if self.dlq_topic.trim().is_empty() {
+            return bad("DLQ_TOPIC", "must not be empty");
+        }
+        if self.kafka_max_poll_records == 0 {
+            return bad("KAFKA_MAX_POLL_RECORDS", "must be at least 1");
+        }
+        if self.processing_batch_size == 0 {
+            return bad("PROCESSING_BATCH_SIZE", "must be at least 1");
+        }
+        if self.processing_concurrency == 0 {
+            return bad("PROCESSING_CONCURRENCY", "must be at least 1");
+        }
+        if self.handler_max_attempts == 0 {
+            return bad("HANDLER_MAX_ATTEMPTS", "must be at least 1");
+        }
+        if !matches!(self.kafka_auto_offset_reset.as_str(), "earliest" | "latest") {
+            return bad("KAFKA_AUTO_OFFSET_RESET", "must be `earliest` or `latest`");
+        }
+        if self.retry_initial_backoff_ms == 0
+            || self.retry_initial_backoff_ms > self.retry_max_backoff_ms
+        {
+            return bad(
+                "RETRY_INITIAL_BACKOFF_MS",
+                "must be at least 1 and at most RETRY_MAX_BACKOFF_MS",
+            );
+        }
+        if self.shutdown_timeout_ms >= self.kafka_session_timeout_ms {
+            return bad(
+                "SHUTDOWN_TIMEOUT_MS",
+                "must be below KAFKA_SESSION_TIMEOUT_MS so a drain finishes before the group gives up on us",
+            );
+        }
+        if !self.mongodb_uri.expose().starts_with("mongodb://")
+            && !self.mongodb_uri.expose().starts_with("mongodb+srv://")
+        {
+            return bad(
+                "MONGODB_URI",
+                "must start with mongodb:// or mongodb+srv://",
+            );
+        }
+        if self.mongodb_database.trim().is_empty()
+            || self.mongodb_database.contains(['/', '.', ' ', '$'])
+        {
+            return bad("MONGODB_DATABASE", "must be a valid database name");
+        }
+        if !matches!(self.log_format.as_str(), "json" | "pretty") {
+            return bad("LOG_FORMAT", "must be `json` or `pretty`");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return bad(
+                "LOG_LEVEL",
+                "is not a valid level or filter (e.g. info, debug, event_processor=debug)",
+            );
+        }
+        Ok(())
+    }
+
+    /// The subscription: topic names and `^`-patterns.
+    pub fn topics(&self) -> Vec<String> {
+        self.kafka_topics
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn log_format(&self) -> LogFormat {
+        if self.log_format == "pretty" {
+            LogFormat::Pretty
+        } else {
+            LogFormat::Json
+        }
+    }
+
+    pub fn handler_timeout(&self) -> Duration {
+        Duration::from_millis(self.handler_timeout_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+/// envy names fields in lower case; the user wrote upper-case variables.
+fn envy_message(e: envy::Error) -> String {
+    match e {
+        envy::Error::MissingValue(field) => {
+            format!("{} is required but not set", field.to_ascii_uppercase())
+        }
+        // "invalid digit found in string while parsing value 'x' provided by foo_bar"
+        envy::Error::Custom(msg) => match msg.rsplit_once(" provided by ") {
+            Some((what, var)) => format!("{}: {what}", var.to_ascii_uppercase()),
+            None => msg,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut v = vec![
+            (
+                "KAFKA_BOOTSTRAP_SERVERS".to_string(),
+                "localhost:9092".to_string(),
+            ),
+            (
+                "MONGODB_URI".to_string(),
+                "mongodb://app:s3cret@mongo:27017/?authSource=admin".to_string(),
+            ),
+        ];
+        v.extend(
+            extra
+                .iter()
+                .map(|(k, val)| (k.to_string(), val.to_string())),
+        );
+        v
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let c = Config::from_vars(vars(&[])).unwrap();
+        assert_eq!(c.kafka_max_poll_records, 100);
+        assert_eq!(c.processing_batch_size, 100);
+        assert_eq!(c.kafka_group_id, "event-processor");
+        assert_eq!(c.topics(), ["postgres.activity.event_outbox"]);
+        assert_eq!(c.log_format(), LogFormat::Json);
+    }
+
+    #[test]
+    fn missing_required_variable_is_named() {
+        let err = Config::from_vars(vec![("MONGODB_URI".to_string(), "mongodb://x".to_string())])
+            .unwrap_err();
+        assert!(err.0.contains("KAFKA_BOOTSTRAP_SERVERS"), "{err}");
+    }
+
+    #[test]
+    fn malformed_number_is_named() {
+        let err = Config::from_vars(vars(&[("PROCESSING_BATCH_SIZE", "many")])).unwrap_err();
+        assert!(
+            err.0.starts_with("PROCESSING_BATCH_SIZE: invalid digit"),
+            "{err}"
+        );
+        let err = Config::from_vars(vars(&[("PROCESSING_BATCH_SIZE", "0")])).unwrap_err();
+        assert!(err.0.contains("PROCESSING_BATCH_SIZE"), "{err}");
+        let err = Config::from_vars(vars(&[("LOG_FORMAT", "xml")])).unwrap_err();
+        assert!(err.0.contains("LOG_FORMAT"), "{err}");
+    }
+
+    #[test]
+    fn passwords_are_never_printed() {
+        let c = Config::from_vars(vars(&[])).unwrap();
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains("mongodb://app:***@mongo:27017"),
+            "{printed}"
+        );
+        assert_eq!(
+            redact_uri("mongodb://localhost:27017"),
+            "mongodb://localhost:27017"
+        );
+    }
+
+    #[test]
+    fn kafka_pass_through_maps_names_and_guards_delivery_settings() {
+        let c = Config::from_vars(vars(&[
+            ("KAFKA_PROPERTY_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_PROPERTY_SASL_MECHANISMS", "SCRAM-SHA-512"),
+        ]))
+        .unwrap();
+        assert_eq!(c.kafka_properties["security.protocol"], "SASL_SSL");
+        assert_eq!(c.kafka_properties["sasl.mechanisms"], "SCRAM-SHA-512");
+        let err =
+            Config::from_vars(vars(&[("KAFKA_PROPERTY_ENABLE_AUTO_COMMIT", "true")])).unwrap_err();
+        assert!(err.0.contains("KAFKA_PROPERTY_ENABLE_AUTO_COMMIT"), "{err}");
+    }
+
+    #[test]
+    fn dead_letter_topic_cannot_be_subscribed() {
+        let err = Config::from_vars(vars(&[("KAFKA_TOPICS", "a,dlq"), ("DLQ_TOPIC", "dlq")]))
+            .unwrap_err();
+        assert!(err.0.contains("DLQ_TOPIC"), "{err}");
+    }
+}

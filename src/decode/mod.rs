@@ -1,0 +1,364 @@
+//! Turns one Kafka record into an [`OutboxEvent`], a reason to skip it, or an error that says why it cannot be
+//! read. Owns every Debezium record shape the daemon accepts (see `DESIGN.md` section 3); never touches the
+//! network and never panics on input.
+//!
+//! Accepted shapes:
+//! - raw change events (`{"before","after","op",...}`), bare or wrapped as `{"schema","payload"}`; `c` and `r`
+//!   become events, `u`, `d`, `t`, `m` are skipped;
+//! - Outbox Event Router output: the payload as a JSON string literal, schema-wrapped, as plain JSON text
+//!   (StringConverter), expanded into an object, or inside an envelope next to placed fields; the event id comes
+//!   from header `id` (or the envelope), the event type from header `eventType` (or the envelope);
+//! - tombstones, heartbeats and transaction metadata are skipped.
+
+use rdkafka::message::{Headers, Message};
+use serde_json::{Map, Value};
+
+use crate::event::{KafkaCoordinates, OutboxEvent};
+
+/// Why a record carries no event to dispatch. Skips are counted, never errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// A null value: Debezium's tombstone after a delete.
+    Tombstone,
+    /// `op = u`: the application changed the row (e.g. `status`); the event was dispatched on insert.
+    Update,
+    /// `op = d`.
+    Delete,
+    /// `op = t`.
+    Truncate,
+    /// `op = m`: a logical decoding message.
+    LogicalMessage,
+    /// A Debezium heartbeat record.
+    Heartbeat,
+    /// A transaction BEGIN/END metadata record.
+    TransactionMetadata,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Tombstone => "tombstone",
+            SkipReason::Update => "update",
+            SkipReason::Delete => "delete",
+            SkipReason::Truncate => "truncate",
+            SkipReason::LogicalMessage => "logical_message",
+            SkipReason::Heartbeat => "heartbeat",
+            SkipReason::TransactionMetadata => "transaction_metadata",
+        }
+    }
+}
+
+/// The result of decoding one record that could be read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    Event(Box<OutboxEvent>),
+    Skip(SkipReason),
+}
+
+/// A record that cannot be decoded. Permanent: retrying cannot help, so it goes to the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record value is not valid UTF-8: {0}")]
+    InvalidUtf8(String),
+    #[error("record value is not JSON: {0}")]
+    NotJson(String),
+    #[error("record value is not a Debezium change event or outbox record: {0}")]
+    UnknownShape(String),
+    #[error("field `{field}` is missing or not a {expected}")]
+    BadField {
+        field: &'static str,
+        expected: &'static str,
+    },
+    #[error("field `payload` does not hold JSON: {0}")]
+    PayloadNotJson(String),
+    #[error("unknown Debezium operation `{0}`")]
+    UnknownOp(String),
+    #[error(
+        "no event type: set table.fields.additional.placement=event_type:header:eventType on the Outbox Event Router"
+    )]
+    MissingEventType,
+    #[error("no event id: the Outbox Event Router sets header `id`; it is missing")]
+    MissingEventId,
+    #[error("no aggregate id: the record has no key")]
+    MissingAggregateId,
+}
+
+impl DecodeError {
+    /// A short, stable name for metrics and dead-letter headers.
+    pub fn class(&self) -> &'static str {
+        match self {
+            DecodeError::InvalidUtf8(_) => "invalid_utf8",
+            DecodeError::NotJson(_) => "not_json",
+            DecodeError::UnknownShape(_) => "unknown_shape",
+            DecodeError::BadField { .. } => "bad_field",
+            DecodeError::PayloadNotJson(_) => "payload_not_json",
+            DecodeError::UnknownOp(_) => "unknown_op",
+            DecodeError::MissingEventType => "missing_event_type",
+            DecodeError::MissingEventId => "missing_event_id",
+            DecodeError::MissingAggregateId => "missing_aggregate_id",
+        }
+    }
+}
+
+/// Decodes one record. Generic over rdkafka's [`Message`] so tests can use `OwnedMessage` without a broker.
+pub fn decode<M: Message>(msg: &M) -> Result<Decoded, DecodeError> {
+    let coords = KafkaCoordinates {
+        topic: msg.topic().to_string(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+        timestamp_ms: msg.timestamp().to_millis(),
+    };
+    let Some(bytes) = msg.payload() else {
+        return Ok(Decoded::Skip(SkipReason::Tombstone));
+    };
+    if coords.topic.starts_with("__debezium-heartbeat") {
+        return Ok(Decoded::Skip(SkipReason::Heartbeat));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidUtf8(e.to_string()))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    let value = unwrap_schema(value);
+
+    if let Value::Object(obj) = &value {
+        if obj.contains_key("op") {
+            return decode_change_event(obj, coords);
+        }
+        if is_heartbeat(obj) {
+            return Ok(Decoded::Skip(SkipReason::Heartbeat));
+        }
+        if is_transaction_metadata(obj) {
+            return Ok(Decoded::Skip(SkipReason::TransactionMetadata));
+        }
+    }
+    decode_router_record(msg, value, coords)
+}
+
+/// JsonConverter with `schemas.enable=true` wraps every key and value as `{"schema": ..., "payload": ...}`.
+fn unwrap_schema(value: Value) -> Value {
+    match value {
+        Value::Object(mut obj)
+            if obj.len() == 2
+                && obj.contains_key("payload")
+                && matches!(obj.get("schema"), Some(Value::Object(_))) =>
+        {
+            obj.remove("payload").unwrap_or(Value::Null)
+        }
+        other => other,
+    }
+}
+
+fn is_heartbeat(obj: &Map<String, Value>) -> bool {
+    obj.len() == 1 && obj.get("ts_ms").is_some_and(Value::is_i64)
+}
+
+fn is_transaction_metadata(obj: &Map<String, Value>) -> bool {
+    matches!(
+        obj.get("status").and_then(Value::as_str),
+        Some("BEGIN" | "END")
+    ) && obj.contains_key("id")
+        && obj.contains_key("event_count")
+}
+
+fn decode_change_event(
+    obj: &Map<String, Value>,
+    coords: KafkaCoordinates,
+) -> Result<Decoded, DecodeError> {
+    let op = obj
+        .get("op")
+        .and_then(Value::as_str)
+        .ok_or(DecodeError::BadField {
+            field: "op",
+            expected: "string",
+        })?;
+    match op {
+        "c" | "r" => {}
+        "u" => return Ok(Decoded::Skip(SkipReason::Update)),
+        "d" => return Ok(Decoded::Skip(SkipReason::Delete)),
+        "t" => return Ok(Decoded::Skip(SkipReason::Truncate)),
+        "m" => return Ok(Decoded::Skip(SkipReason::LogicalMessage)),
+        other => return Err(DecodeError::UnknownOp(other.to_string())),
+    }
+    let Some(Value::Object(row)) = obj.get("after") else {
+        return Err(DecodeError::BadField {
+            field: "after",
+            expected: "object",
+        });
+    };
+    let event_id = required_str(row, "event_id")?;
+    validate_uuid("event_id", event_id)?;
+    let aggregate_id = required_str(row, "aggregate_id")?;
+    let event_type = required_str(row, "event_type")?;
+    let payload = parse_payload(row.get("payload"))?;
+    let created_at_ms = match row.get("created_at") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_timestamp(v).ok_or(DecodeError::BadField {
+            field: "created_at",
+            expected: "RFC 3339 timestamp",
+        })?),
+    };
+    Ok(Decoded::Event(Box::new(OutboxEvent {
+        event_id: event_id.to_string(),
+        aggregate_id: aggregate_id.to_string(),
+        aggregate_type: row
+            .get("aggregate_type")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        event_type: event_type.to_string(),
+        payload,
+        created_at_ms,
+        source: coords,
+    })))
+}
+
+fn decode_router_record<M: Message>(
+    msg: &M,
+    value: Value,
+    coords: KafkaCoordinates,
+) -> Result<Decoded, DecodeError> {
+    let header_type = header(msg, "eventType").or_else(|| header(msg, "event_type"));
+    // With an envelope placement the value is an object holding `payload` beside the placed fields.
+    let (payload, envelope) = match value {
+        Value::Object(mut obj)
+            if header_type.is_none()
+                && obj.contains_key("payload")
+                && envelope_str(&obj, &["eventType", "event_type"]).is_some() =>
+        {
+            let payload = obj.remove("payload").unwrap_or(Value::Null);
+            (payload, Some(obj))
+        }
+        other => (other, None),
+    };
+    let from_envelope = |names: &[&str]| envelope.as_ref().and_then(|e| envelope_str(e, names));
+
+    let event_type = header_type
+        .or_else(|| from_envelope(&["eventType", "event_type"]))
+        .ok_or_else(|| {
+            if matches!(payload, Value::Object(_) | Value::String(_)) {
+                DecodeError::MissingEventType
+            } else {
+                DecodeError::UnknownShape(shape_of(&payload).to_string())
+            }
+        })?;
+    let event_id = header(msg, "id")
+        .or_else(|| from_envelope(&["eventId", "event_id", "id"]))
+        .ok_or(DecodeError::MissingEventId)?;
+    validate_uuid("id", &event_id)?;
+    let aggregate_id = router_key(msg)
+        .or_else(|| from_envelope(&["aggregateId", "aggregate_id"]))
+        .ok_or(DecodeError::MissingAggregateId)?;
+    let aggregate_type = header(msg, "aggregateType")
+        .or_else(|| header(msg, "aggregate_type"))
+        .or_else(|| from_envelope(&["aggregateType", "aggregate_type"]));
+    let created_at_ms = header(msg, "createdAt")
+        .or_else(|| from_envelope(&["createdAt", "created_at"]))
+        .and_then(|s| parse_timestamp(&Value::String(s)));
+    Ok(Decoded::Event(Box::new(OutboxEvent {
+        event_id,
+        aggregate_id,
+        aggregate_type,
+        event_type,
+        payload: parse_payload(Some(&payload))?,
+        created_at_ms,
+        source: coords,
+    })))
+}
+
+fn envelope_str(obj: &Map<String, Value>, names: &[&str]) -> Option<String> {
+    names
+        .iter()
+        .find_map(|n| obj.get(*n).and_then(Value::as_str))
+        .map(str::to_string)
+}
+
+/// The router's key is the aggregate id: a quoted JSON string (JsonConverter), bare text (StringConverter), or a
+/// schema-wrapped string.
+fn router_key<M: Message>(msg: &M) -> Option<String> {
+    let key = std::str::from_utf8(msg.key()?).ok()?.trim();
+    if key.is_empty() {
+        return None;
+    }
+    match serde_json::from_str::<Value>(key) {
+        Ok(v) => match unwrap_schema(v) {
+            Value::String(s) => Some(s),
+            Value::Object(o) => envelope_str(&o, &["aggregate_id", "aggregateId"]),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        },
+        Err(_) => Some(key.to_string()),
+    }
+}
+
+/// A header's value as UTF-8, looked up by name (Debezium adds its own headers; position means nothing).
+fn header<M: Message>(msg: &M, name: &str) -> Option<String> {
+    let headers = msg.headers()?;
+    let h = headers.iter().find(|h| h.key == name)?;
+    let raw = std::str::from_utf8(h.value?).ok()?;
+    // JsonConverter-style header converters quote strings; plain ones do not.
+    match serde_json::from_str::<Value>(raw) {
+        Ok(Value::String(s)) => Some(s),
+        _ => Some(raw.to_string()),
+    }
+}
+
+fn required_str<'a>(
+    row: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<&'a str, DecodeError> {
+    match row.get(field).and_then(Value::as_str) {
+        Some(s) if !s.is_empty() => Ok(s),
+        _ => Err(DecodeError::BadField {
+            field,
+            expected: "non-empty string",
+        }),
+    }
+}
+
+fn validate_uuid(field: &'static str, s: &str) -> Result<(), DecodeError> {
+    uuid::Uuid::parse_str(s)
+        .map(|_| ())
+        .map_err(|_| DecodeError::BadField {
+            field,
+            expected: "UUID",
+        })
+}
+
+/// `jsonb` arrives as a string holding JSON text (parse it a second time); an expanded router payload is
+/// already a value.
+fn parse_payload(raw: Option<&Value>) -> Result<Value, DecodeError> {
+    match raw {
+        Some(Value::String(s)) => {
+            serde_json::from_str(s).map_err(|e| DecodeError::PayloadNotJson(e.to_string()))
+        }
+        Some(Value::Null) | None => Err(DecodeError::BadField {
+            field: "payload",
+            expected: "JSON document",
+        }),
+        Some(v) => Ok(v.clone()),
+    }
+}
+
+/// `timestamptz` is an RFC 3339 string (ZonedTimestamp); some converters give epoch milliseconds.
+fn parse_timestamp(v: &Value) -> Option<i64> {
+    match v {
+        Value::String(s) => mongodb::bson::DateTime::parse_rfc3339_str(s)
+            .ok()
+            .map(|d| d.timestamp_millis())
+            .or_else(|| s.parse::<i64>().ok()),
+        Value::Number(n) => n.as_i64(),
+        _ => None,
+    }
+}
+
+fn shape_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests;

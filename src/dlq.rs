@@ -1,0 +1,168 @@
+//! The dead-letter topic: where a record goes when it cannot be decoded or a handler fails permanently. Owns
+//! the header vocabulary and the producer. A dead letter counts only once the broker acknowledged it; until
+//! then the original record stays uncommitted.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::config::Config;
+
+/// Header names on every dead letter.
+pub mod headers {
+    pub const ERROR_CLASS: &str = "dlq.error.class";
+    pub const ERROR_MESSAGE: &str = "dlq.error.message";
+    pub const HANDLER: &str = "dlq.handler";
+    pub const EVENT_ID: &str = "dlq.event.id";
+    pub const EVENT_TYPE: &str = "dlq.event.type";
+    pub const TOPIC: &str = "dlq.original.topic";
+    pub const PARTITION: &str = "dlq.original.partition";
+    pub const OFFSET: &str = "dlq.original.offset";
+    pub const TIMESTAMP: &str = "dlq.original.timestamp";
+    pub const ATTEMPTS: &str = "dlq.attempts";
+    pub const GROUP: &str = "dlq.consumer.group";
+    pub const VALUE_OMITTED: &str = "dlq.value.omitted";
+}
+
+/// Why a record is dead-lettered, and by whom.
+#[derive(Debug, Clone)]
+pub struct DeadLetter<'a> {
+    pub record: &'a OwnedMessage,
+    /// `decode.<class>`, `handler.permanent`, `handler.panic`.
+    pub error_class: String,
+    pub error_message: String,
+    /// The handler that failed; `None` when the record could not be decoded (no handler ran).
+    pub handler: Option<&'a str>,
+    pub event_id: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+    pub attempts: u32,
+}
+
+/// Where dead letters go. The daemon uses [`KafkaDeadLetters`].
+#[async_trait]
+pub trait DeadLetterSink: Send + Sync {
+    /// Returns once the dead letter is durably acknowledged.
+    async fn send(&self, letter: &DeadLetter<'_>) -> Result<(), KafkaError>;
+}
+
+/// Dead letters produced to `DLQ_TOPIC` with `acks=all` and idempotence on.
+pub struct KafkaDeadLetters {
+    producer: FutureProducer,
+    topic: String,
+    group: String,
+}
+
+impl KafkaDeadLetters {
+    pub fn new(config: &Config) -> Result<Self, KafkaError> {
+        let mut cc = ClientConfig::new();
+        for (k, v) in &config.kafka_properties {
+            cc.set(k, v);
+        }
+        let producer: FutureProducer = cc
+            .set("bootstrap.servers", &config.kafka_bootstrap_servers)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "15000")
+            .set("linger.ms", "0")
+            .create()?;
+        Ok(Self {
+            producer,
+            topic: config.dlq_topic.clone(),
+            group: config.kafka_group_id.clone(),
+        })
+    }
+
+    /// Flushes outstanding dead letters (shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.producer.flush(timeout) {
+            tracing::warn!(error = %e, "Dead-letter producer flush failed");
+        }
+    }
+}
+
+/// The headers of a dead letter: the original record's own headers, then ours.
+pub fn build_headers(letter: &DeadLetter<'_>, group: &str, value_omitted: bool) -> OwnedHeaders {
+    let r = letter.record;
+    let mut h = OwnedHeaders::new();
+    if let Some(orig) = r.headers() {
+        for hdr in orig.iter() {
+            h = h.insert(Header {
+                key: hdr.key,
+                value: hdr.value,
+            });
+        }
+    }
+    let partition = r.partition().to_string();
+    let offset = r.offset().to_string();
+    let timestamp = r
+        .timestamp()
+        .to_millis()
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    let attempts = letter.attempts.to_string();
+    let mut ours: Vec<(&str, &str)> = vec![
+        (headers::ERROR_CLASS, &letter.error_class),
+        (headers::ERROR_MESSAGE, &letter.error_message),
+        (headers::TOPIC, r.topic()),
+        (headers::PARTITION, &partition),
+        (headers::OFFSET, &offset),
+        (headers::TIMESTAMP, &timestamp),
+        (headers::ATTEMPTS, &attempts),
+        (headers::GROUP, group),
+    ];
+    if let Some(handler) = letter.handler {
+        ours.push((headers::HANDLER, handler));
+    }
+    if let Some(id) = letter.event_id {
+        ours.push((headers::EVENT_ID, id));
+    }
+    if let Some(t) = letter.event_type {
+        ours.push((headers::EVENT_TYPE, t));
+    }
+    if value_omitted {
+        ours.push((
+            headers::VALUE_OMITTED,
+            "too large for the dead-letter topic",
+        ));
+    }
+    for (k, v) in ours {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    h
+}
+
+#[async_trait]
+impl DeadLetterSink for KafkaDeadLetters {
+    async fn send(&self, letter: &DeadLetter<'_>) -> Result<(), KafkaError> {
+        let r = letter.record;
+        let mut omit = false;
+        loop {
+            let mut rec: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.topic).headers(build_headers(letter, &self.group, omit));
+            if let Some(k) = r.key() {
+                rec = rec.key(k);
+            }
+            if let (Some(v), false) = (r.payload(), omit) {
+                rec = rec.payload(v);
+            }
+            match self.producer.send(rec, Duration::from_secs(15)).await {
+                Ok(_) => return Ok(()),
+                // A record too large for the dead-letter topic still gets its dead letter, with the headers
+                // saying where the original is.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _))
+                    if !omit =>
+                {
+                    omit = true;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+}

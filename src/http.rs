@@ -1,0 +1,111 @@
+//! The operator's HTTP port: Prometheus metrics, liveness and readiness, and the client side of the
+//! `healthcheck` subcommand (so the container image needs no curl). Never blocks the processing loop.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+
+static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once; later calls return the same handle.
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    RECORDER
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("event_processor_batch_size".into()),
+                        &[1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+                    )
+                })
+                .and_then(|b| b.install_recorder())
+                .map_err(|e| tracing::warn!(error = %e, "Prometheus recorder not installed"))
+                .ok()
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let state = AppState {
+        health,
+        metrics: metrics_handle(),
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    match s.metrics {
+        Some(h) => (StatusCode::OK, h.render()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            String::from("metrics recorder unavailable\n"),
+        ),
+    }
+}
+
+async fn live(State(s): State<AppState>) -> impl IntoResponse {
+    if s.health.live() {
+        (StatusCode::OK, "live\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "processing loop stalled\n")
+    }
+}
+
+async fn ready(State(s): State<AppState>) -> impl IntoResponse {
+    let r = s.health.readiness();
+    let code = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(r))
+}
+
+/// `event-processor healthcheck`: GET `/health/live` on the local port; true on HTTP 200.
+pub async fn probe(port: u16, path: &str) -> Result<bool, std::io::Error> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let head = String::from_utf8_lossy(&buf);
+        Ok(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"))
+    };
+    tokio::time::timeout(Duration::from_secs(3), fut)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+}

@@ -1,0 +1,362 @@
+//! Processing of records: decode, fan out to handlers, retry, isolate, dead-letter. Owns the per-record
+//! contract of `DESIGN.md` section 4; never polls or commits (the consumer loop in `app` does, from the
+//! [`OffsetTracker`] this module marks).
+//!
+//! A batch is split into lanes by partition and key: records of one lane run in offset order, lanes run
+//! concurrently up to `PROCESSING_CONCURRENCY`. Within one event, every handler runs concurrently and fails
+//! alone.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use rdkafka::message::{Message, OwnedMessage};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info_span, warn};
+
+use crate::decode::{Decoded, decode};
+use crate::dlq::{DeadLetter, DeadLetterSink};
+use crate::event::OutboxEvent;
+use crate::kafka::OffsetTracker;
+use crate::registry::{EventHandler, HandlerContext, HandlerError, Registry};
+
+/// Retry and concurrency settings.
+#[derive(Debug, Clone)]
+pub struct ProcessingSettings {
+    pub concurrency: usize,
+    pub max_attempts: u32,
+    pub handler_timeout: Duration,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl ProcessingSettings {
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Self {
+            concurrency: c.processing_concurrency,
+            max_attempts: c.handler_max_attempts,
+            handler_timeout: c.handler_timeout(),
+            initial_backoff: Duration::from_millis(c.retry_initial_backoff_ms),
+            max_backoff: Duration::from_millis(c.retry_max_backoff_ms),
+        }
+    }
+}
+
+/// How one record ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordOutcome {
+    /// Every handler succeeded (or some were dead-lettered: see `dead_lettered`).
+    Processed { dead_lettered: usize },
+    /// Nothing to do: tombstone, update, heartbeat, ... or an event type without handlers.
+    Skipped,
+    /// The record could not be decoded and was dead-lettered.
+    DeadLettered,
+    /// Shutdown came first: not finished, must not be committed.
+    Abandoned,
+}
+
+impl RecordOutcome {
+    pub fn finished(self) -> bool {
+        self != RecordOutcome::Abandoned
+    }
+}
+
+/// Counts of one batch, for the batch log line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchStats {
+    pub records: usize,
+    pub processed: usize,
+    pub skipped: usize,
+    pub dead_lettered: usize,
+    pub abandoned: usize,
+}
+
+/// Everything a record needs to be processed. Cheap to share.
+pub struct Processor {
+    pub registry: Arc<Registry>,
+    pub ctx: HandlerContext,
+    pub dead_letters: Arc<dyn DeadLetterSink>,
+    pub settings: ProcessingSettings,
+    /// Cancelled on shutdown: retries stop, records not yet started are abandoned.
+    pub cancel: CancellationToken,
+}
+
+/// One handler's fate for one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HandlerOutcome {
+    Ok,
+    DeadLettered,
+    Abandoned,
+}
+
+impl Processor {
+    /// Processes a batch: registers every record with the tracker, runs the lanes, marks each finished record.
+    pub async fn process_batch(
+        &self,
+        records: &[OwnedMessage],
+        tracker: &Mutex<OffsetTracker>,
+    ) -> BatchStats {
+        if let Ok(mut t) = tracker.lock() {
+            for r in records {
+                t.track(r.topic(), r.partition(), r.offset());
+            }
+        }
+        let lanes = lanes(records);
+        let outcomes: Vec<Vec<RecordOutcome>> = futures::stream::iter(lanes)
+            .map(|lane| async move {
+                let mut out = Vec::with_capacity(lane.len());
+                for r in lane {
+                    // Once a lane is abandoned, later records of the same key must not run ahead of it.
+                    if self.cancel.is_cancelled() || out.last() == Some(&RecordOutcome::Abandoned) {
+                        out.push(RecordOutcome::Abandoned);
+                        continue;
+                    }
+                    let o = self.process_record(r).await;
+                    if o.finished()
+                        && let Ok(mut t) = tracker.lock()
+                    {
+                        t.finish(r.topic(), r.partition(), r.offset());
+                    }
+                    out.push(o);
+                }
+                out
+            })
+            .buffer_unordered(self.settings.concurrency)
+            .collect()
+            .await;
+        let mut stats = BatchStats {
+            records: records.len(),
+            ..Default::default()
+        };
+        for o in outcomes.into_iter().flatten() {
+            match o {
+                RecordOutcome::Processed { dead_lettered } => {
+                    stats.processed += 1;
+                    stats.dead_lettered += dead_lettered;
+                }
+                RecordOutcome::Skipped => stats.skipped += 1,
+                RecordOutcome::DeadLettered => stats.dead_lettered += 1,
+                RecordOutcome::Abandoned => stats.abandoned += 1,
+            }
+        }
+        stats
+    }
+
+    /// Decodes one record and runs every handler of its event type.
+    pub async fn process_record(&self, msg: &OwnedMessage) -> RecordOutcome {
+        let topic = msg.topic();
+        let partition = msg.partition();
+        let offset = msg.offset();
+        metrics::counter!("event_processor_records_consumed_total", "topic" => topic.to_string())
+            .increment(1);
+        match decode(msg) {
+            Err(e) => {
+                warn!(topic, partition, offset, error = %e, error_class = e.class(), "Undecodable record; dead-lettering it");
+                metrics::counter!("event_processor_records_total", "topic" => topic.to_string(), "outcome" => "undecodable")
+                    .increment(1);
+                let letter = DeadLetter {
+                    record: msg,
+                    error_class: format!("decode.{}", e.class()),
+                    error_message: e.to_string(),
+                    handler: None,
+                    event_id: None,
+                    event_type: None,
+                    attempts: 1,
+                };
+                if self.dead_letter(&letter).await {
+                    RecordOutcome::DeadLettered
+                } else {
+                    RecordOutcome::Abandoned
+                }
+            }
+            Ok(Decoded::Skip(reason)) => {
+                debug!(
+                    topic,
+                    partition,
+                    offset,
+                    reason = reason.as_str(),
+                    "Record skipped"
+                );
+                metrics::counter!("event_processor_records_skipped_total", "topic" => topic.to_string(), "reason" => reason.as_str())
+                    .increment(1);
+                RecordOutcome::Skipped
+            }
+            Ok(Decoded::Event(event)) => {
+                let span = info_span!("event", topic, partition, offset, event_id = %event.event_id, event_type = %event.event_type);
+                self.dispatch(msg, &event).instrument(span).await
+            }
+        }
+    }
+
+    /// Runs all handlers of the event concurrently, each isolated from the others' errors and panics.
+    pub async fn dispatch(&self, msg: &OwnedMessage, event: &OutboxEvent) -> RecordOutcome {
+        let handlers = self.registry.handlers_for(&event.event_type);
+        if handlers.is_empty() {
+            debug!("No handler for this event type; skipped");
+            metrics::counter!("event_processor_records_skipped_total", "topic" => event.source.topic.clone(), "reason" => "unknown_event_type")
+                .increment(1);
+            return RecordOutcome::Skipped;
+        }
+        let results = futures::future::join_all(
+            handlers
+                .iter()
+                .map(|h| self.run_handler(h.as_ref(), msg, event)),
+        )
+        .await;
+        if results.contains(&HandlerOutcome::Abandoned) {
+            return RecordOutcome::Abandoned;
+        }
+        metrics::counter!("event_processor_records_total", "topic" => event.source.topic.clone(), "outcome" => "processed")
+            .increment(1);
+        RecordOutcome::Processed {
+            dead_lettered: results
+                .iter()
+                .filter(|o| **o == HandlerOutcome::DeadLettered)
+                .count(),
+        }
+    }
+
+    /// Runs one handler with retries: transient failures retry with capped exponential backoff until they
+    /// succeed or shutdown; permanent failures and panics retry up to `max_attempts`, then dead-letter.
+    async fn run_handler(
+        &self,
+        handler: &dyn EventHandler,
+        msg: &OwnedMessage,
+        event: &OutboxEvent,
+    ) -> HandlerOutcome {
+        let name = handler.name();
+        let mut failures: u32 = 0;
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            let call = AssertUnwindSafe(tokio::time::timeout(
+                self.settings.handler_timeout,
+                handler.handle(event, &self.ctx),
+            ))
+            .catch_unwind()
+            .await;
+            metrics::histogram!("event_processor_handler_duration_seconds", "handler" => name.to_string())
+                .record(started.elapsed().as_secs_f64());
+            let (class, err): (&str, String) = match call {
+                Ok(Ok(Ok(()))) => {
+                    metrics::counter!("event_processor_handler_results_total", "handler" => name.to_string(), "event_type" => event.event_type.clone(), "outcome" => "ok")
+                        .increment(1);
+                    return HandlerOutcome::Ok;
+                }
+                Ok(Ok(Err(HandlerError::Transient(e)))) => ("transient", format!("{e:#}")),
+                Ok(Err(_elapsed)) => (
+                    "transient",
+                    format!("timed out after {:?}", self.settings.handler_timeout),
+                ),
+                Ok(Ok(Err(HandlerError::Permanent(e)))) => ("permanent", format!("{e:#}")),
+                Err(panic) => ("panic", panic_message(&panic)),
+            };
+            metrics::counter!("event_processor_handler_results_total", "handler" => name.to_string(), "event_type" => event.event_type.clone(), "outcome" => class.to_string())
+                .increment(1);
+            if class == "transient" {
+                // Never dead-lettered: the world, not the event, is at fault. The backoff restarts from the
+                // first failure of each outage.
+                warn!(handler = name, attempt, error = %err, "Handler failed transiently; retrying");
+            } else {
+                failures += 1;
+                if failures >= self.settings.max_attempts {
+                    error!(handler = name, attempts = attempt, error_class = class, error = %err, "Handler failed permanently; dead-lettering");
+                    let letter = DeadLetter {
+                        record: msg,
+                        error_class: format!("handler.{class}"),
+                        error_message: err,
+                        handler: Some(name),
+                        event_id: Some(&event.event_id),
+                        event_type: Some(&event.event_type),
+                        attempts: attempt,
+                    };
+                    return if self.dead_letter(&letter).await {
+                        HandlerOutcome::DeadLettered
+                    } else {
+                        HandlerOutcome::Abandoned
+                    };
+                }
+                warn!(handler = name, attempt, error_class = class, error = %err, "Handler failed; retrying");
+            }
+            if !self.sleep(backoff(&self.settings, attempt)).await {
+                return HandlerOutcome::Abandoned;
+            }
+        }
+    }
+
+    /// Writes a dead letter, retrying until the broker acknowledges it or shutdown. False when abandoned: the
+    /// record then stays uncommitted.
+    async fn dead_letter(&self, letter: &DeadLetter<'_>) -> bool {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.dead_letters.send(letter).await {
+                Ok(()) => {
+                    metrics::counter!("event_processor_dead_letters_total", "topic" => letter.record.topic().to_string(), "class" => letter.error_class.clone())
+                        .increment(1);
+                    return true;
+                }
+                Err(e) => {
+                    metrics::counter!("event_processor_dead_letter_failures_total").increment(1);
+                    error!(topic = letter.record.topic(), partition = letter.record.partition(), offset = letter.record.offset(),
+                        error = %e, attempt, "Dead-letter topic unavailable; the record stays uncommitted");
+                }
+            }
+            if !self.sleep(backoff(&self.settings, attempt)).await {
+                return false;
+            }
+        }
+    }
+
+    /// Sleeps unless shutdown comes first (then false).
+    async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+/// Capped exponential backoff with full jitter in [d/2, d].
+pub fn backoff(s: &ProcessingSettings, attempt: u32) -> Duration {
+    let exp = s
+        .initial_backoff
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let capped = exp.min(s.max_backoff);
+    let half = capped / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+/// Splits a batch into lanes of one partition and key each, records in offset order.
+pub fn lanes(records: &[OwnedMessage]) -> Vec<Vec<&OwnedMessage>> {
+    let mut index: HashMap<(&str, i32, Option<&[u8]>), usize> = HashMap::new();
+    let mut lanes: Vec<Vec<&OwnedMessage>> = Vec::new();
+    for r in records {
+        let k = (r.topic(), r.partition(), r.key());
+        let i = *index.entry(k).or_insert_with(|| {
+            lanes.push(Vec::new());
+            lanes.len() - 1
+        });
+        lanes[i].push(r);
+    }
+    for lane in &mut lanes {
+        lane.sort_by_key(|r| r.offset());
+    }
+    lanes
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        format!("panicked: {s}")
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        format!("panicked: {s}")
+    } else {
+        "panicked".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests;

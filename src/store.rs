@@ -1,0 +1,171 @@
+//! MongoDB: the client, the classification of its errors into transient and permanent, and the idempotent write
+//! primitive the handlers share. Owns no read model (handlers do) and never uses transactions, change streams or
+//! `Client::bulk_write`, so that a standalone MongoDB 7 works.
+
+use std::time::Duration;
+
+use mongodb::bson::Document;
+use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
+use mongodb::options::{ClientOptions, UpdateOptions};
+use mongodb::{Client, Collection, Database};
+
+use crate::registry::HandlerError;
+
+/// Server error codes that mean "try again later": network, elections, shutdowns, time limits, write conflicts.
+const TRANSIENT_CODES: &[i32] = &[
+    6,     // HostUnreachable
+    7,     // HostNotFound
+    50,    // MaxTimeMSExpired
+    89,    // NetworkTimeout
+    91,    // ShutdownInProgress
+    112,   // WriteConflict
+    189,   // PrimarySteppedDown
+    262,   // ExceededTimeLimit
+    9001,  // SocketException
+    10107, // NotWritablePrimary
+    11600, // InterruptedAtShutdown
+    11602, // InterruptedDueToReplStateChange
+    13435, // NotPrimaryNoSecondaryOk
+    13436, // NotPrimaryOrSecondary
+    64,    // WriteConcernFailed (wtimeout)
+];
+
+/// E11000: an upsert whose filter missed found the `_id` already taken.
+pub const DUPLICATE_KEY: i32 = 11000;
+
+/// Connects (lazily: the driver dials on first use) with short selection and connect timeouts so that an
+/// unreachable server surfaces as a transient error within seconds rather than minutes.
+pub async fn connect(uri: &str, app_name: &str) -> Result<Client, MongoError> {
+    let mut opts = ClientOptions::parse(uri).await?;
+    opts.app_name.get_or_insert_with(|| app_name.to_string());
+    opts.server_selection_timeout
+        .get_or_insert(Duration::from_secs(5));
+    opts.connect_timeout.get_or_insert(Duration::from_secs(5));
+    opts.retry_writes.get_or_insert(true);
+    Client::with_options(opts)
+}
+
+/// Whether the server answers a ping.
+pub async fn ping(db: &Database) -> Result<(), MongoError> {
+    db.run_command(mongodb::bson::doc! { "ping": 1 })
+        .await
+        .map(|_| ())
+}
+
+/// The server error code of a failed operation, if it carries one.
+pub fn error_code(err: &MongoError) -> Option<i32> {
+    match err.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => Some(w.code),
+        ErrorKind::InsertMany(e) => e
+            .write_errors
+            .as_ref()
+            .and_then(|w| w.first())
+            .map(|w| w.code)
+            .or_else(|| e.write_concern_error.as_ref().map(|w| w.code)),
+        _ => None,
+    }
+}
+
+/// True when retrying the same operation later can succeed.
+pub fn is_transient(err: &MongoError) -> bool {
+    if err.contains_label("RetryableWriteError")
+        || err.contains_label("TransientTransactionError")
+        || err.contains_label("NetworkError")
+    {
+        return true;
+    }
+    match err.kind.as_ref() {
+        ErrorKind::Io(_)
+        | ErrorKind::ServerSelection { .. }
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::DnsResolve { .. }
+        | ErrorKind::Authentication { .. }
+        | ErrorKind::Shutdown => true,
+        _ => error_code(err).is_some_and(|c| TRANSIENT_CODES.contains(&c)),
+    }
+}
+
+/// Wraps a driver error as a handler error of the right class.
+pub fn classify(err: MongoError) -> HandlerError {
+    if is_transient(&err) {
+        HandlerError::Transient(err.into())
+    } else {
+        HandlerError::Permanent(err.into())
+    }
+}
+
+/// What a guarded upsert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The document was created or changed.
+    Changed,
+    /// The guard in the filter held the update back: already applied, or a newer state is present.
+    AlreadyApplied,
+}
+
+/// An upsert whose filter carries a guard ("event not yet applied", "state not newer"). When the guard holds the
+/// update back on an existing document, the upsert's insert collides on `_id` (E11000): that means the effect is
+/// already there. One retry without upsert tells that apart from two writers racing to create the document.
+pub async fn guarded_upsert(
+    coll: &Collection<Document>,
+    filter: Document,
+    update: Document,
+) -> Result<Applied, HandlerError> {
+    let upsert = UpdateOptions::builder().upsert(true).build();
+    match coll
+        .update_one(filter.clone(), update.clone())
+        .with_options(upsert)
+        .await
+    {
+        Ok(r) if r.modified_count > 0 || r.upserted_id.is_some() => Ok(Applied::Changed),
+        Ok(_) => Ok(Applied::AlreadyApplied),
+        Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => {
+            let r = coll.update_one(filter, update).await.map_err(classify)?;
+            Ok(if r.modified_count > 0 {
+                Applied::Changed
+            } else {
+                Applied::AlreadyApplied
+            })
+        }
+        Err(e) => Err(classify(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::error::{CommandError, WriteError};
+
+    fn command_error(code: i32) -> MongoError {
+        let e: CommandError = mongodb::bson::from_document(mongodb::bson::doc! {
+            "code": code, "codeName": "X", "errmsg": "x"
+        })
+        .unwrap();
+        MongoError::from(ErrorKind::Command(e))
+    }
+
+    #[test]
+    fn not_primary_and_network_errors_are_transient() {
+        assert!(is_transient(&command_error(10107)));
+        assert!(is_transient(&command_error(91)));
+        let io = MongoError::from(ErrorKind::Io(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        ))));
+        assert!(is_transient(&io));
+        assert!(classify(command_error(189)).is_transient());
+    }
+
+    #[test]
+    fn validation_and_duplicate_key_errors_are_permanent() {
+        assert!(!is_transient(&command_error(121))); // DocumentValidationFailure
+        let w: WriteError = mongodb::bson::from_document(mongodb::bson::doc! {
+            "code": DUPLICATE_KEY, "errmsg": "E11000"
+        })
+        .unwrap();
+        let dup = MongoError::from(ErrorKind::Write(WriteFailure::WriteError(w)));
+        assert_eq!(error_code(&dup), Some(DUPLICATE_KEY));
+        assert!(!classify(dup).is_transient());
+    }
+}
