@@ -115,6 +115,9 @@ pub fn decode<M: Message>(msg: &M) -> Result<Decoded, DecodeError> {
         return Ok(Decoded::Skip(SkipReason::Heartbeat));
     }
     let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidUtf8(e.to_string()))?;
+    if let Some(skip) = struct_text(text)? {
+        return Ok(Decoded::Skip(skip));
+    }
     let value: Value =
         serde_json::from_str(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
     let value = unwrap_schema(value);
@@ -131,6 +134,28 @@ pub fn decode<M: Message>(msg: &M) -> Result<Decoded, DecodeError> {
         }
     }
     decode_router_record(msg, value, coords)
+}
+
+/// With StringConverter, records the Outbox Event Router passes through unchanged (logical messages, updates)
+/// arrive as Kafka Connect's `Struct{...}` text. Those that are not events are skipped; an insert in that form
+/// cannot be read faithfully, so it is an error that names the fix.
+fn struct_text(text: &str) -> Result<Option<SkipReason>, DecodeError> {
+    if !text.starts_with("Struct{") {
+        return Ok(None);
+    }
+    let op = text
+        .split([',', '{'])
+        .find_map(|part| part.strip_prefix("op="))
+        .unwrap_or("");
+    match op {
+        "m" => Ok(Some(SkipReason::LogicalMessage)),
+        "u" => Ok(Some(SkipReason::Update)),
+        "d" => Ok(Some(SkipReason::Delete)),
+        "t" => Ok(Some(SkipReason::Truncate)),
+        _ => Err(DecodeError::UnknownShape(
+            "Kafka Connect Struct text (StringConverter on raw change events); use JsonConverter".to_string(),
+        )),
+    }
 }
 
 /// JsonConverter with `schemas.enable=true` wraps every key and value as `{"schema": ..., "payload": ...}`.

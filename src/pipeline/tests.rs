@@ -1,1 +1,233 @@
+//! Fan-out, isolation, retries and lanes of one batch, with in-memory handlers and dead-letter sink. (The same
+//! behaviour against real Kafka and MongoDB is in `tests/`.)
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use async_trait::async_trait;
+use rdkafka::Timestamp;
+use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedMessage;
+
+use super::*;
+use crate::registry::HandlerError;
+
+#[derive(Default)]
+struct Sink {
+    letters: Mutex<Vec<(String, Option<String>, u32)>>,
+    fail_first: AtomicU32,
+}
+
+#[async_trait]
+impl DeadLetterSink for Sink {
+    async fn send(&self, l: &DeadLetter<'_>) -> Result<(), KafkaError> {
+        if self.fail_first.load(Ordering::SeqCst) > 0 {
+            self.fail_first.fetch_sub(1, Ordering::SeqCst);
+            return Err(KafkaError::Canceled);
+        }
+        self.letters
+            .lock()
+            .unwrap()
+            .push((l.error_class.clone(), l.handler.map(str::to_string), l.attempts));
+        Ok(())
+    }
+}
+
+enum Behaviour {
+    Ok,
+    Permanent,
+    Panic,
+    TransientTimes(u32),
+}
+
+struct TestHandler {
+    name: &'static str,
+    behaviour: Behaviour,
+    calls: AtomicU32,
+    seen: Mutex<Vec<i64>>,
+}
+
+impl TestHandler {
+    fn new(name: &'static str, behaviour: Behaviour) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            behaviour,
+            calls: AtomicU32::new(0),
+            seen: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+#[async_trait]
+impl EventHandler for TestHandler {
+    fn event_type(&self) -> &str {
+        "UserCreated"
+    }
+    fn name(&self) -> &str {
+        self.name
+    }
+    async fn handle(&self, event: &OutboxEvent, _: &HandlerContext) -> Result<(), HandlerError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        match self.behaviour {
+            Behaviour::Ok => {
+                self.seen.lock().unwrap().push(event.source.offset);
+                Ok(())
+            }
+            Behaviour::Permanent => Err(HandlerError::invalid("bad payload")),
+            Behaviour::Panic => panic!("handler bug"),
+            Behaviour::TransientTimes(k) if n < k => Err(HandlerError::Transient(anyhow::anyhow!("mongo down"))),
+            Behaviour::TransientTimes(_) => Ok(()),
+        }
+    }
+}
+
+fn record(offset: i64, key: &str, event_type: &str) -> OwnedMessage {
+    let value = serde_json::json!({"op": "c", "after": {
+        "event_id": uuid::Uuid::new_v4().to_string(), "aggregate_id": key, "aggregate_type": "user",
+        "event_type": event_type, "payload": "{\"email\":\"a@b.c\"}", "created_at": "2026-11-26T10:00:00.000000Z"
+    }});
+    OwnedMessage::new(
+        Some(value.to_string().into_bytes()),
+        Some(key.as_bytes().to_vec()),
+        "t".into(),
+        Timestamp::NotAvailable,
+        0,
+        offset,
+        None,
+    )
+}
+
+fn processor(handlers: Vec<Arc<TestHandler>>, sink: Arc<Sink>) -> Processor {
+    let mut registry = Registry::new();
+    for h in handlers {
+        registry.register(h).unwrap();
+    }
+    let client = mongodb::Client::with_options(
+        mongodb::options::ClientOptions::builder()
+            .hosts(vec![mongodb::options::ServerAddress::parse("127.0.0.1:1").unwrap()])
+            .build(),
+    )
+    .unwrap();
+    Processor {
+        registry: Arc::new(registry),
+        ctx: HandlerContext {
+            db: client.database("unused"),
+        },
+        dead_letters: sink,
+        settings: ProcessingSettings {
+            concurrency: 8,
+            max_attempts: 3,
+            handler_timeout: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(100),
+        },
+        cancel: CancellationToken::new(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_and_panicking_handlers_do_not_block_siblings() {
+    let ok = TestHandler::new("ok", Behaviour::Ok);
+    let bad = TestHandler::new("bad", Behaviour::Permanent);
+    let boom = TestHandler::new("boom", Behaviour::Panic);
+    let sink = Arc::new(Sink::default());
+    let p = processor(vec![ok.clone(), bad.clone(), boom.clone()], sink.clone());
+    let tracker = Mutex::new(OffsetTracker::new());
+    let batch = [record(0, "a", "UserCreated"), record(1, "b", "Unknown")];
+    let stats = p.process_batch(&batch, &tracker).await;
+    assert_eq!(stats.processed, 1);
+    assert_eq!(stats.skipped, 1, "unknown event type is skipped");
+    assert_eq!(stats.dead_lettered, 2);
+    assert_eq!(*ok.seen.lock().unwrap(), [0]);
+    assert_eq!(bad.calls.load(Ordering::SeqCst), 3, "bounded attempts");
+    assert_eq!(boom.calls.load(Ordering::SeqCst), 3);
+    let mut letters = sink.letters.lock().unwrap().clone();
+    letters.sort();
+    assert_eq!(
+        letters,
+        [
+            ("handler.panic".to_string(), Some("boom".to_string()), 3),
+            ("handler.permanent".to_string(), Some("bad".to_string()), 3),
+        ]
+    );
+    assert_eq!(tracker.lock().unwrap().committable(), vec![(("t".to_string(), 0), 2)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_retry_and_are_never_dead_lettered() {
+    let flaky = TestHandler::new("flaky", Behaviour::TransientTimes(10));
+    let sink = Arc::new(Sink::default());
+    let p = processor(vec![flaky.clone()], sink.clone());
+    let tracker = Mutex::new(OffsetTracker::new());
+    let stats = p.process_batch(&[record(5, "a", "UserCreated")], &tracker).await;
+    assert_eq!(stats.processed, 1);
+    assert_eq!(flaky.calls.load(Ordering::SeqCst), 11);
+    assert!(sink.letters.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn undecodable_record_is_dead_lettered_only_once_acknowledged() {
+    let sink = Arc::new(Sink::default());
+    sink.fail_first.store(2, Ordering::SeqCst);
+    let p = processor(vec![], sink.clone());
+    let tracker = Mutex::new(OffsetTracker::new());
+    let poison = OwnedMessage::new(Some(b"not json".to_vec()), None, "t".into(), Timestamp::NotAvailable, 0, 9, None);
+    let stats = p.process_batch(&[poison], &tracker).await;
+    assert_eq!(stats.dead_lettered, 1);
+    let letters = sink.letters.lock().unwrap().clone();
+    assert_eq!(letters, [("decode.not_json".to_string(), None, 1)]);
+    assert_eq!(tracker.lock().unwrap().committable(), vec![(("t".to_string(), 0), 10)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_abandons_unfinished_work_and_it_stays_uncommitted() {
+    let sink = Arc::new(Sink::default());
+    sink.fail_first.store(u32::MAX, Ordering::SeqCst); // dead-letter topic down
+    let ok = TestHandler::new("ok", Behaviour::Ok);
+    let p = processor(vec![ok], sink);
+    let tracker = Mutex::new(OffsetTracker::new());
+    let batch = [
+        record(0, "a", "UserCreated"),
+        OwnedMessage::new(Some(b"{".to_vec()), Some(b"b".to_vec()), "t".into(), Timestamp::NotAvailable, 0, 1, None),
+        record(2, "a", "UserCreated"),
+    ];
+    let cancel = p.cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cancel.cancel();
+    });
+    let stats = p.process_batch(&batch, &tracker).await;
+    assert_eq!(stats.processed, 2);
+    assert_eq!(stats.abandoned, 1);
+    assert_eq!(tracker.lock().unwrap().committable(), vec![(("t".to_string(), 0), 1)]);
+}
+
+#[test]
+fn lanes_keep_key_order_and_separate_keys() {
+    let batch = [
+        record(0, "a", "X"),
+        record(1, "b", "X"),
+        record(2, "a", "X"),
+        record(3, "b", "X"),
+    ];
+    let l = lanes(&batch);
+    let offsets: Vec<Vec<i64>> = l.iter().map(|lane| lane.iter().map(|m| m.offset()).collect()).collect();
+    assert_eq!(offsets, [vec![0, 2], vec![1, 3]]);
+}
+
+#[test]
+fn backoff_is_capped_and_jittered() {
+    let s = ProcessingSettings {
+        concurrency: 1,
+        max_attempts: 1,
+        handler_timeout: Duration::from_secs(1),
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(2),
+    };
+    for attempt in 1..40 {
+        let d = backoff(&s, attempt);
+        assert!(d <= Duration::from_secs(2), "{attempt}: {d:?}");
+    }
+    let first = backoff(&s, 1);
+    assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+    assert!(backoff(&s, 30) >= Duration::from_secs(1));
+}
