@@ -104,25 +104,11 @@ impl Processor {
             }
         }
         let lanes = lanes(records);
-        let outcomes: Vec<Vec<RecordOutcome>> = futures::stream::iter(lanes)
-            .map(|lane| async move {
-                let mut out = Vec::with_capacity(lane.len());
-                for r in lane {
-                    // Once a lane is abandoned, later records of the same key must not run ahead of it.
-                    if self.cancel.is_cancelled() || out.last() == Some(&RecordOutcome::Abandoned) {
-                        out.push(RecordOutcome::Abandoned);
-                        continue;
-                    }
-                    let o = self.process_record(r).await;
-                    if o.finished()
-                        && let Ok(mut t) = tracker.lock()
-                    {
-                        t.finish(r.topic(), r.partition(), r.offset());
-                    }
-                    out.push(o);
-                }
-                out
-            })
+        let futs: Vec<_> = lanes
+            .into_iter()
+            .map(|lane| self.run_lane(lane, tracker))
+            .collect();
+        let outcomes: Vec<Vec<RecordOutcome>> = futures::stream::iter(futs)
             .buffer_unordered(self.settings.concurrency)
             .collect()
             .await;
@@ -142,6 +128,30 @@ impl Processor {
             }
         }
         stats
+    }
+
+    /// Runs the records of one key in offset order.
+    async fn run_lane(
+        &self,
+        lane: Vec<&OwnedMessage>,
+        tracker: &Mutex<OffsetTracker>,
+    ) -> Vec<RecordOutcome> {
+        let mut out = Vec::with_capacity(lane.len());
+        for r in lane {
+            // Once a lane is abandoned, later records of the same key must not run ahead of it.
+            if self.cancel.is_cancelled() || out.last() == Some(&RecordOutcome::Abandoned) {
+                out.push(RecordOutcome::Abandoned);
+                continue;
+            }
+            let o = self.process_record(r).await;
+            if o.finished()
+                && let Ok(mut t) = tracker.lock()
+            {
+                t.finish(r.topic(), r.partition(), r.offset());
+            }
+            out.push(o);
+        }
+        out
     }
 
     /// Decodes one record and runs every handler of its event type.

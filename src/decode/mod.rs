@@ -153,7 +153,8 @@ fn struct_text(text: &str) -> Result<Option<SkipReason>, DecodeError> {
         "d" => Ok(Some(SkipReason::Delete)),
         "t" => Ok(Some(SkipReason::Truncate)),
         _ => Err(DecodeError::UnknownShape(
-            "Kafka Connect Struct text (StringConverter on raw change events); use JsonConverter".to_string(),
+            "Kafka Connect Struct text (StringConverter on raw change events); use JsonConverter"
+                .to_string(),
         )),
     }
 }

@@ -17,7 +17,10 @@ struct Fixture {
 }
 
 fn load(name: &str) -> Vec<Fixture> {
-    let path = format!("{}/src/decode/fixtures/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/src/decode/fixtures/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     doc["records"]
         .as_array()
@@ -37,7 +40,12 @@ fn load(name: &str) -> Vec<Fixture> {
         .collect()
 }
 
-fn message(topic: &str, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[(&str, &str)]) -> OwnedMessage {
+fn message(
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> OwnedMessage {
     let mut h = OwnedHeaders::new();
     for (k, v) in headers {
         h = h.insert(Header {
@@ -57,7 +65,11 @@ fn message(topic: &str, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[(&s
 }
 
 fn to_message(f: &Fixture) -> OwnedMessage {
-    let headers: Vec<(&str, &str)> = f.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let headers: Vec<(&str, &str)> = f
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     message(
         &f.topic,
         f.key.as_deref().map(str::as_bytes),
@@ -75,8 +87,17 @@ fn decode_variant(name: &str) -> (BTreeSet<(String, String, String, String)>, Ve
             Ok(Decoded::Event(e)) => {
                 assert_eq!(e.source.topic, f.topic);
                 assert_eq!((e.source.partition, e.source.offset), (2, 41));
-                assert!(e.payload.is_object(), "{name}: payload not an object: {:?}", e.payload);
-                events.insert((e.event_id, e.aggregate_id, e.event_type, e.payload.to_string()));
+                assert!(
+                    e.payload.is_object(),
+                    "{name}: payload not an object: {:?}",
+                    e.payload
+                );
+                events.insert((
+                    e.event_id,
+                    e.aggregate_id,
+                    e.event_type,
+                    e.payload.to_string(),
+                ));
             }
             Ok(Decoded::Skip(r)) => skips.push(r),
             Err(err) => panic!("{name}: {err} for {:?}", f.value),
@@ -89,7 +110,10 @@ fn decode_variant(name: &str) -> (BTreeSet<(String, String, String, String)>, Ve
 fn raw_change_events_dispatch_inserts_and_snapshot_reads_only() {
     let (events, skips) = decode_variant("raw_json");
     let types: BTreeSet<_> = events.iter().map(|e| e.2.as_str()).collect();
-    assert_eq!(types, BTreeSet::from(["ActivityCreated", "ParticipantJoined", "UserCreated"]));
+    assert_eq!(
+        types,
+        BTreeSet::from(["ActivityCreated", "ParticipantJoined", "UserCreated"])
+    );
     assert_eq!(events.len(), 3);
     for r in [
         SkipReason::Update,
@@ -116,7 +140,10 @@ fn every_variant_yields_the_same_events() {
     ] {
         let (events, skips) = decode_variant(variant);
         assert_eq!(events, raw, "{variant} differs from raw_json");
-        assert!(skips.contains(&SkipReason::LogicalMessage), "{variant}: {skips:?}");
+        assert!(
+            skips.contains(&SkipReason::LogicalMessage),
+            "{variant}: {skips:?}"
+        );
     }
 }
 
@@ -125,12 +152,19 @@ fn jsonb_payload_is_parsed_twice_and_keeps_nested_values() {
     let f = load("raw_json");
     let activity = f
         .iter()
-        .find(|f| f.value.as_deref().is_some_and(|v| v.contains("ActivityCreated") && v.contains("\"op\":\"c\"")))
+        .find(|f| {
+            f.value
+                .as_deref()
+                .is_some_and(|v| v.contains("ActivityCreated") && v.contains("\"op\":\"c\""))
+        })
         .unwrap();
     let Decoded::Event(e) = decode(&to_message(activity)).unwrap() else {
         panic!("not an event")
     };
-    assert_eq!(e.payload["location"], json!({"city": "Berlin", "lat": 52.52}));
+    assert_eq!(
+        e.payload["location"],
+        json!({"city": "Berlin", "lat": 52.52})
+    );
     assert_eq!(e.payload["max_participants"], json!(10));
     assert_eq!(e.aggregate_type.as_deref(), Some("activity"));
     let created = e.created_at_ms.unwrap();
@@ -141,7 +175,13 @@ fn jsonb_payload_is_parsed_twice_and_keeps_nested_values() {
 fn router_event_id_and_type_come_from_headers_looked_up_by_name() {
     let f = load("router_json");
     let user = f.iter().find(|f| f.topic.ends_with(".event.user")).unwrap();
-    let id = user.headers.iter().find(|(k, _)| k == "id").unwrap().1.clone();
+    let id = user
+        .headers
+        .iter()
+        .find(|(k, _)| k == "id")
+        .unwrap()
+        .1
+        .clone();
     // Debezium's own context headers come first; shuffle ours to the front to show position does not matter.
     let mut shuffled = Fixture {
         topic: user.topic.clone(),
@@ -163,16 +203,34 @@ fn router_event_id_and_type_come_from_headers_looked_up_by_name() {
 }
 
 fn decode_err(value: &[u8], headers: &[(&str, &str)]) -> DecodeError {
-    decode(&message("postgres.activity.event_outbox", Some(b"k"), Some(value), headers)).unwrap_err()
+    decode(&message(
+        "postgres.activity.event_outbox",
+        Some(b"k"),
+        Some(value),
+        headers,
+    ))
+    .unwrap_err()
 }
 
 #[test]
 fn poison_records_get_a_clear_error() {
-    assert!(matches!(decode_err(b"\xff\xfe", &[]), DecodeError::InvalidUtf8(_)));
-    assert!(matches!(decode_err(b"not json", &[]), DecodeError::NotJson(_)));
+    assert!(matches!(
+        decode_err(b"\xff\xfe", &[]),
+        DecodeError::InvalidUtf8(_)
+    ));
+    assert!(matches!(
+        decode_err(b"not json", &[]),
+        DecodeError::NotJson(_)
+    ));
     assert_eq!(decode_err(b"[1,2]", &[]).class(), "unknown_shape");
-    assert_eq!(decode_err(b"{\"hello\":1}", &[]), DecodeError::MissingEventType);
-    assert_eq!(decode_err(b"{\"op\":\"x\",\"after\":{}}", &[]), DecodeError::UnknownOp("x".into()));
+    assert_eq!(
+        decode_err(b"{\"hello\":1}", &[]),
+        DecodeError::MissingEventType
+    );
+    assert_eq!(
+        decode_err(b"{\"op\":\"x\",\"after\":{}}", &[]),
+        DecodeError::UnknownOp("x".into())
+    );
     let row = |payload: &str, event_id: &str| {
         json!({"op": "c", "after": {
             "event_id": event_id, "aggregate_id": "a1", "aggregate_type": "user",
@@ -181,17 +239,26 @@ fn poison_records_get_a_clear_error() {
         .to_string()
     };
     let id = "0b4f8a52-3c1e-4a7e-9d55-7f1b2c3d4e01";
-    assert!(matches!(decode_err(row("{oops", id).as_bytes(), &[]), DecodeError::PayloadNotJson(_)));
+    assert!(matches!(
+        decode_err(row("{oops", id).as_bytes(), &[]),
+        DecodeError::PayloadNotJson(_)
+    ));
     assert_eq!(
         decode_err(row("{}", "not-a-uuid").as_bytes(), &[]),
-        DecodeError::BadField { field: "event_id", expected: "UUID" }
+        DecodeError::BadField {
+            field: "event_id",
+            expected: "UUID"
+        }
     );
     let missing = json!({"op": "r", "after": {"event_id": id, "payload": "{}"}}).to_string();
     assert_eq!(decode_err(missing.as_bytes(), &[]).class(), "bad_field");
     let typed_wrong = json!({"op": "c", "after": {"event_id": 7}}).to_string();
     assert_eq!(decode_err(typed_wrong.as_bytes(), &[]).class(), "bad_field");
     // A router record without the id header.
-    assert_eq!(decode_err(b"\"{}\"", &[("eventType", "UserCreated")]), DecodeError::MissingEventId);
+    assert_eq!(
+        decode_err(b"\"{}\"", &[("eventType", "UserCreated")]),
+        DecodeError::MissingEventId
+    );
 }
 
 #[test]

@@ -24,10 +24,11 @@ impl DeadLetterSink for Sink {
             self.fail_first.fetch_sub(1, Ordering::SeqCst);
             return Err(KafkaError::Canceled);
         }
-        self.letters
-            .lock()
-            .unwrap()
-            .push((l.error_class.clone(), l.handler.map(str::to_string), l.attempts));
+        self.letters.lock().unwrap().push((
+            l.error_class.clone(),
+            l.handler.map(str::to_string),
+            l.attempts,
+        ));
         Ok(())
     }
 }
@@ -74,7 +75,9 @@ impl EventHandler for TestHandler {
             }
             Behaviour::Permanent => Err(HandlerError::invalid("bad payload")),
             Behaviour::Panic => panic!("handler bug"),
-            Behaviour::TransientTimes(k) if n < k => Err(HandlerError::Transient(anyhow::anyhow!("mongo down"))),
+            Behaviour::TransientTimes(k) if n < k => {
+                Err(HandlerError::Transient(anyhow::anyhow!("mongo down")))
+            }
             Behaviour::TransientTimes(_) => Ok(()),
         }
     }
@@ -103,7 +106,9 @@ fn processor(handlers: Vec<Arc<TestHandler>>, sink: Arc<Sink>) -> Processor {
     }
     let client = mongodb::Client::with_options(
         mongodb::options::ClientOptions::builder()
-            .hosts(vec![mongodb::options::ServerAddress::parse("127.0.0.1:1").unwrap()])
+            .hosts(vec![
+                mongodb::options::ServerAddress::parse("127.0.0.1:1").unwrap(),
+            ])
             .build(),
     )
     .unwrap();
@@ -149,7 +154,10 @@ async fn failing_and_panicking_handlers_do_not_block_siblings() {
             ("handler.permanent".to_string(), Some("bad".to_string()), 3),
         ]
     );
-    assert_eq!(tracker.lock().unwrap().committable(), vec![(("t".to_string(), 0), 2)]);
+    assert_eq!(
+        tracker.lock().unwrap().committable(),
+        vec![(("t".to_string(), 0), 2)]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -158,7 +166,9 @@ async fn transient_failures_retry_and_are_never_dead_lettered() {
     let sink = Arc::new(Sink::default());
     let p = processor(vec![flaky.clone()], sink.clone());
     let tracker = Mutex::new(OffsetTracker::new());
-    let stats = p.process_batch(&[record(5, "a", "UserCreated")], &tracker).await;
+    let stats = p
+        .process_batch(&[record(5, "a", "UserCreated")], &tracker)
+        .await;
     assert_eq!(stats.processed, 1);
     assert_eq!(flaky.calls.load(Ordering::SeqCst), 11);
     assert!(sink.letters.lock().unwrap().is_empty());
@@ -170,12 +180,23 @@ async fn undecodable_record_is_dead_lettered_only_once_acknowledged() {
     sink.fail_first.store(2, Ordering::SeqCst);
     let p = processor(vec![], sink.clone());
     let tracker = Mutex::new(OffsetTracker::new());
-    let poison = OwnedMessage::new(Some(b"not json".to_vec()), None, "t".into(), Timestamp::NotAvailable, 0, 9, None);
+    let poison = OwnedMessage::new(
+        Some(b"not json".to_vec()),
+        None,
+        "t".into(),
+        Timestamp::NotAvailable,
+        0,
+        9,
+        None,
+    );
     let stats = p.process_batch(&[poison], &tracker).await;
     assert_eq!(stats.dead_lettered, 1);
     let letters = sink.letters.lock().unwrap().clone();
     assert_eq!(letters, [("decode.not_json".to_string(), None, 1)]);
-    assert_eq!(tracker.lock().unwrap().committable(), vec![(("t".to_string(), 0), 10)]);
+    assert_eq!(
+        tracker.lock().unwrap().committable(),
+        vec![(("t".to_string(), 0), 10)]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -187,7 +208,15 @@ async fn shutdown_abandons_unfinished_work_and_it_stays_uncommitted() {
     let tracker = Mutex::new(OffsetTracker::new());
     let batch = [
         record(0, "a", "UserCreated"),
-        OwnedMessage::new(Some(b"{".to_vec()), Some(b"b".to_vec()), "t".into(), Timestamp::NotAvailable, 0, 1, None),
+        OwnedMessage::new(
+            Some(b"{".to_vec()),
+            Some(b"b".to_vec()),
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            1,
+            None,
+        ),
         record(2, "a", "UserCreated"),
     ];
     let cancel = p.cancel.clone();
@@ -198,7 +227,10 @@ async fn shutdown_abandons_unfinished_work_and_it_stays_uncommitted() {
     let stats = p.process_batch(&batch, &tracker).await;
     assert_eq!(stats.processed, 2);
     assert_eq!(stats.abandoned, 1);
-    assert_eq!(tracker.lock().unwrap().committable(), vec![(("t".to_string(), 0), 1)]);
+    assert_eq!(
+        tracker.lock().unwrap().committable(),
+        vec![(("t".to_string(), 0), 1)]
+    );
 }
 
 #[test]
@@ -210,7 +242,10 @@ fn lanes_keep_key_order_and_separate_keys() {
         record(3, "b", "X"),
     ];
     let l = lanes(&batch);
-    let offsets: Vec<Vec<i64>> = l.iter().map(|lane| lane.iter().map(|m| m.offset()).collect()).collect();
+    let offsets: Vec<Vec<i64>> = l
+        .iter()
+        .map(|lane| lane.iter().map(|m| m.offset()).collect())
+        .collect();
     assert_eq!(offsets, [vec![0, 2], vec![1, 3]]);
 }
 

@@ -1,0 +1,498 @@
+//! Shared helpers for the integration tests: real services, a fresh topic, group and database per test, the
+//! daemon run in-process through the same `run` that `main` calls, and black-box reads of what landed in
+//! MongoDB and what the broker has committed.
+//!
+//! Services: `KAFKA_BOOTSTRAP_SERVERS` and `MONGODB_URI` when set (e.g. `eval "$(scripts/stack env)"`),
+//! otherwise testcontainers when a Docker engine answers; with neither, the test fails and says how to provide
+//! them. End-to-end tests also need `POSTGRES_URL` and `KAFKA_CONNECT_URL` (from `scripts/stack env`).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use event_processor::{Config, Registry};
+use mongodb::Database;
+use mongodb::bson::{Document, doc};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+pub struct Services {
+    pub kafka: String,
+    pub mongo: String,
+}
+
+static SERVICES: OnceCell<Services> = OnceCell::const_new();
+static LOG: Once = Once::new();
+
+/// Quiet unless `TEST_LOG` is set.
+pub fn init_log() {
+    LOG.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = event_processor::telemetry::init(
+                &std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()),
+                event_processor::config::LogFormat::Pretty,
+            );
+        }
+    });
+}
+
+/// Kafka and MongoDB for this test binary.
+pub async fn services() -> &'static Services {
+    init_log();
+    SERVICES
+        .get_or_init(|| async {
+            if let (Ok(kafka), Ok(mongo)) = (
+                std::env::var("KAFKA_BOOTSTRAP_SERVERS"),
+                std::env::var("MONGODB_URI"),
+            ) {
+                return Services { kafka, mongo };
+            }
+            match containers::start().await {
+                Ok(s) => s,
+                Err(e) => panic!(
+                    "No Kafka/MongoDB for the integration tests: KAFKA_BOOTSTRAP_SERVERS and MONGODB_URI are not set \
+                     and testcontainers could not start them ({e}). Either run `scripts/stack up` and \
+                     `eval \"$(scripts/stack env)\"`, or provide a Docker engine."
+                ),
+            }
+        })
+        .await
+}
+
+/// PostgreSQL and Kafka Connect for end-to-end tests.
+pub fn e2e_services() -> (String, String) {
+    match (
+        std::env::var("POSTGRES_URL"),
+        std::env::var("KAFKA_CONNECT_URL"),
+    ) {
+        (Ok(pg), Ok(connect)) => (pg, connect),
+        _ => panic!(
+            "End-to-end tests need POSTGRES_URL and KAFKA_CONNECT_URL (PostgreSQL with wal_level=logical and Kafka \
+             Connect with the Debezium PostgreSQL connector): run `scripts/stack up` and `eval \"$(scripts/stack env)\"`."
+        ),
+    }
+}
+
+mod containers {
+    use super::Services;
+    use testcontainers::ImageExt;
+    use testcontainers::runners::AsyncRunner;
+    use testcontainers_modules::{kafka::apache, mongo::Mongo};
+
+    pub async fn start() -> Result<Services, String> {
+        let kafka = apache::Kafka::default()
+            .with_tag("4.1.0")
+            .start()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mongo = Mongo::default()
+            .with_tag("8.0")
+            .start()
+            .await
+            .map_err(|e| e.to_string())?;
+        let kport = kafka
+            .get_host_port_ipv4(apache::KAFKA_PORT)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mport = mongo
+            .get_host_port_ipv4(27017)
+            .await
+            .map_err(|e| e.to_string())?;
+        // The containers live as long as the test binary.
+        std::mem::forget(kafka);
+        std::mem::forget(mongo);
+        Ok(Services {
+            kafka: format!("127.0.0.1:{kport}"),
+            mongo: format!("mongodb://127.0.0.1:{mport}"),
+        })
+    }
+}
+
+/// A fresh name for a topic, group or database.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// Everything one test owns.
+pub struct TestEnv {
+    pub kafka: String,
+    pub mongo_uri: String,
+    pub topic: String,
+    pub group: String,
+    pub dlq: String,
+    pub db_name: String,
+    pub db: Database,
+}
+
+impl TestEnv {
+    /// A fresh topic with `partitions` partitions, group, dead-letter topic and database.
+    pub async fn new(name: &str, partitions: i32) -> Self {
+        let s = services().await;
+        let topic = unique(&format!("t_{name}"));
+        let dlq = format!("{topic}.dlq");
+        create_topics(&s.kafka, &[(&topic, partitions), (&dlq, 1)]).await;
+        let client = mongodb::Client::with_uri_str(&s.mongo)
+            .await
+            .expect("MongoDB client");
+        let db_name = unique("ep");
+        TestEnv {
+            kafka: s.kafka.clone(),
+            mongo_uri: s.mongo.clone(),
+            group: unique("g"),
+            db: client.database(&db_name),
+            db_name,
+            topic,
+            dlq,
+        }
+    }
+
+    /// The daemon's configuration for this test, with overrides.
+    pub fn config(&self, overrides: &[(&str, &str)]) -> Config {
+        let mut vars: Vec<(String, String)> = vec![
+            ("KAFKA_BOOTSTRAP_SERVERS", self.kafka.as_str()),
+            ("MONGODB_URI", self.mongo_uri.as_str()),
+            ("MONGODB_DATABASE", self.db_name.as_str()),
+            ("KAFKA_TOPICS", self.topic.as_str()),
+            ("KAFKA_GROUP_ID", self.group.as_str()),
+            ("DLQ_TOPIC", self.dlq.as_str()),
+            ("HTTP_PORT", "0"),
+            ("LOG_FORMAT", "pretty"),
+            ("KAFKA_SESSION_TIMEOUT_MS", "10000"),
+            ("SHUTDOWN_TIMEOUT_MS", "5000"),
+            ("RETRY_INITIAL_BACKOFF_MS", "20"),
+            ("RETRY_MAX_BACKOFF_MS", "500"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in overrides {
+            vars.retain(|(key, _)| key != k);
+            vars.push((k.to_string(), v.to_string()));
+        }
+        Config::from_vars(vars).expect("test config")
+    }
+
+    /// Starts the daemon in the background with the shipped handlers.
+    pub fn start(&self, overrides: &[(&str, &str)]) -> Daemon {
+        let mut registry = Registry::new();
+        event_processor::handlers::register_all(&mut registry).unwrap();
+        self.start_with(registry, overrides)
+    }
+
+    pub fn start_with(&self, registry: Registry, overrides: &[(&str, &str)]) -> Daemon {
+        let config = self.config(overrides);
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let handle =
+            tokio::spawn(
+                async move { event_processor::run_with_registry(config, registry, t).await },
+            );
+        Daemon { token, handle }
+    }
+
+    pub async fn produce(&self, records: &[Rec]) {
+        produce(&self.kafka, &self.topic, records).await
+    }
+
+    /// Committed offsets of this test's group, per partition (`None`: nothing committed).
+    pub fn committed(&self, partitions: i32) -> Vec<Option<i64>> {
+        committed(&self.kafka, &self.group, &self.topic, partitions)
+    }
+
+    pub async fn count(&self, coll: &str, filter: Document) -> u64 {
+        self.db
+            .collection::<Document>(coll)
+            .count_documents(filter)
+            .await
+            .expect("count_documents")
+    }
+
+    pub async fn find_one(&self, coll: &str, filter: Document) -> Option<Document> {
+        self.db
+            .collection::<Document>(coll)
+            .find_one(filter)
+            .await
+            .expect("find_one")
+    }
+
+    /// Every document of the shipped read models, sorted, for before/after comparisons.
+    pub async fn snapshot(&self) -> Vec<(String, Vec<Document>)> {
+        let mut out = Vec::new();
+        for coll in ["users", "user_statistics", "activities"] {
+            let mut docs: Vec<Document> = Vec::new();
+            let mut cur = self
+                .db
+                .collection::<Document>(coll)
+                .find(doc! {})
+                .sort(doc! { "_id": 1 })
+                .await
+                .expect("find");
+            while cur.advance().await.expect("cursor") {
+                docs.push(cur.deserialize_current().expect("document"));
+            }
+            out.push((coll.to_string(), docs));
+        }
+        out
+    }
+
+    /// The dead letters written so far.
+    pub fn dead_letters(&self, expect_at_least: usize) -> Vec<OwnedMessage> {
+        read_all(
+            &self.kafka,
+            &self.dlq,
+            expect_at_least,
+            Duration::from_secs(30),
+        )
+    }
+}
+
+pub struct Daemon {
+    pub token: CancellationToken,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    /// Sends the shutdown signal and waits for `run` to return; it must return `Ok`.
+    pub async fn stop(self) {
+        self.token.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(60), self.handle)
+            .await
+            .expect("daemon did not stop within 60 s")
+            .expect("daemon task panicked");
+        r.expect("daemon returned an error");
+    }
+}
+
+/// A record to produce.
+#[derive(Clone, Debug)]
+pub struct Rec {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, String)>,
+    pub partition: Option<i32>,
+}
+
+impl Rec {
+    pub fn new(key: &str, value: &str) -> Self {
+        Rec {
+            key: Some(key.as_bytes().to_vec()),
+            value: Some(value.as_bytes().to_vec()),
+            headers: Vec::new(),
+            partition: None,
+        }
+    }
+}
+
+/// A raw Debezium change event (JsonConverter, no schemas) for an outbox row, as the shipped connector emits.
+pub fn change_event(
+    op: &str,
+    event_id: &str,
+    aggregate_id: &str,
+    event_type: &str,
+    payload: &serde_json::Value,
+) -> Rec {
+    let row = serde_json::json!({
+        "event_id": event_id, "aggregate_id": aggregate_id, "aggregate_type": "test",
+        "event_type": event_type, "payload": payload.to_string(), "status": "pending",
+        "created_at": "2026-11-26T15:16:01.817235Z",
+    });
+    let value = serde_json::json!({
+        "before": null, "after": row, "op": op, "ts_ms": 1_795_706_161_873i64,
+        "source": {"version": "3.6.1.Final", "connector": "postgresql", "name": "postgres"},
+        "transaction": null, "ts_us": 1_795_706_161_873_418i64, "ts_ns": 1_795_706_161_873_418_715i64,
+    });
+    Rec::new(
+        &serde_json::json!({"aggregate_id": aggregate_id}).to_string(),
+        &value.to_string(),
+    )
+}
+
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+pub async fn create_topics(kafka: &str, topics: &[(&str, i32)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()
+        .expect("admin client");
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+        .collect();
+    let res = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .expect("create_topics");
+    for r in res {
+        if let Err((t, e)) = r {
+            assert_eq!(
+                e,
+                rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                "creating topic {t}"
+            );
+        }
+    }
+}
+
+pub async fn produce(kafka: &str, topic: &str, records: &[Rec]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .set("linger.ms", "5")
+        .set("message.max.bytes", "3000000")
+        .create()
+        .expect("producer");
+    let futures: Vec<_> = records
+        .iter()
+        .map(|r| {
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in &r.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                });
+            }
+            let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+            if let Some(k) = &r.key {
+                fr = fr.key(k.as_slice());
+            }
+            if let Some(v) = &r.value {
+                fr = fr.payload(v.as_slice());
+            }
+            if let Some(p) = r.partition {
+                fr = fr.partition(p);
+            }
+            producer.send(fr, Duration::from_secs(30))
+        })
+        .collect();
+    for f in futures {
+        f.await.map_err(|(e, _)| e).expect("produce");
+    }
+}
+
+pub fn committed(kafka: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let out: Vec<Option<i64>> = {
+        // Drop the list before the consumer: dropping a consumer while a list it returned is alive hangs.
+        let c = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed_offsets");
+        c.elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .collect()
+    };
+    drop(consumer);
+    out
+}
+
+/// Reads a whole topic from the beginning with a throwaway group.
+pub fn read_all(
+    kafka: &str,
+    topic: &str,
+    expect_at_least: usize,
+    timeout: Duration,
+) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                out.push(m.detach());
+                quiet_since = Instant::now();
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {
+                if out.len() >= expect_at_least && quiet_since.elapsed() > Duration::from_secs(2) {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A header's value as text.
+pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).to_string())
+}
+
+/// Polls `check` until it returns true; fails the test with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The sum of committed offsets equals `total` (everything produced is finished and committed).
+pub async fn wait_committed(env: &TestEnv, partitions: i32, total: i64, timeout: Duration) {
+    let env_ref = Arc::new((env.kafka.clone(), env.group.clone(), env.topic.clone()));
+    wait_until(
+        &format!("committed offsets to reach {total}"),
+        timeout,
+        || {
+            let e = env_ref.clone();
+            async move {
+                tokio::task::spawn_blocking(move || committed(&e.0, &e.1, &e.2, partitions))
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|o| o.unwrap_or(0))
+                    .sum::<i64>()
+                    >= total
+            }
+        },
+    )
+    .await;
+}

@@ -1,0 +1,460 @@
+//! The daemon against real Kafka and a real MongoDB-wire server: records in, documents and committed offsets
+//! out.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use event_processor::{EventHandler, HandlerContext, HandlerError, OutboxEvent, Registry};
+use mongodb::bson::doc;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Every record captured from the real Debezium in `src/decode/fixtures`, variant by variant.
+fn fixture_records() -> Vec<Rec> {
+    let mut out = Vec::new();
+    for variant in [
+        "raw_json",
+        "raw_schema",
+        "router_json",
+        "router_schema",
+        "router_string",
+        "router_envelope",
+        "router_expanded",
+    ] {
+        let path = format!(
+            "{}/src/decode/fixtures/{variant}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        for r in doc["records"].as_array().unwrap() {
+            out.push(Rec {
+                key: r["key"].as_str().map(|s| s.as_bytes().to_vec()),
+                value: r["value"].as_str().map(|s| s.as_bytes().to_vec()),
+                headers: r["headers"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                    .collect(),
+                partition: None,
+            });
+        }
+    }
+    out
+}
+
+fn fixture_ids() -> (String, String, String) {
+    // The three events every fixture variant carries: a user, an activity, and the user joining it.
+    let path = format!(
+        "{}/src/decode/fixtures/router_json.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let recs = doc["records"].as_array().unwrap();
+    let key = |topic_suffix: &str| {
+        let r = recs
+            .iter()
+            .find(|r| r["topic"].as_str().unwrap().ends_with(topic_suffix))
+            .unwrap();
+        r["key"].as_str().unwrap().trim_matches('"').to_string()
+    };
+    let activity = key(".event.activity");
+    let user = key(".event.user");
+    let participant = recs
+        .iter()
+        .find_map(|r| {
+            let v: serde_json::Value = serde_json::from_str(r["value"].as_str()?).ok()?;
+            let p: serde_json::Value = serde_json::from_str(v.as_str()?).ok()?;
+            p.get("user_id")?.as_str().map(str::to_string)
+        })
+        .unwrap();
+    (user, activity, participant)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_record_shape_lands_once_in_mongodb() {
+    let env = TestEnv::new("shapes", 3).await;
+    let records = fixture_records();
+    env.produce(&records).await;
+    let daemon = env.start(&[]);
+    wait_committed(&env, 3, records.len() as i64, WAIT).await;
+    daemon.stop().await;
+
+    // Seven variants delivered the same three events; each landed exactly once.
+    let (user, activity, participant) = fixture_ids();
+    let u = env
+        .find_one("users", doc! { "email": "fixture@example.com" })
+        .await
+        .expect("user");
+    assert_eq!(u.get_str("_id").unwrap(), user);
+    assert_eq!(u.get_str("first_name").unwrap(), "Fix");
+    assert_eq!(env.count("users", doc! {}).await, 1);
+    let a = env
+        .find_one("activities", doc! { "_id": &activity })
+        .await
+        .expect("activity");
+    assert_eq!(a.get_str("title").unwrap(), "Morning run");
+    assert_eq!(a.get_i32("participant_count").unwrap(), 1);
+    let parts = a.get_array("participants").unwrap();
+    assert_eq!(parts.len(), 1);
+    assert_eq!(
+        parts[0].as_document().unwrap().get_str("user_id").unwrap(),
+        participant
+    );
+    let totals = env
+        .find_one("user_statistics", doc! { "_id": "totals" })
+        .await
+        .unwrap();
+    assert_eq!(totals.get_i64("total_users").unwrap(), 1);
+    assert!(
+        env.dead_letters(0).is_empty(),
+        "no fixture shape may be dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_records_change_nothing() {
+    let env = TestEnv::new("redeliver", 2).await;
+    let mut records = Vec::new();
+    let activity = new_id();
+    records.push(change_event(
+        "c",
+        &new_id(),
+        &activity,
+        "ActivityCreated",
+        &json!({"title": "Climb", "organizer_id": new_id(), "max_participants": 4}),
+    ));
+    for i in 0..20 {
+        let user = new_id();
+        records.push(change_event(
+            "c",
+            &new_id(),
+            &user,
+            "UserCreated",
+            &json!({"email": format!("u{i}@example.com"), "username": format!("u{i}")}),
+        ));
+        if i % 4 == 0 {
+            records.push(change_event(
+                "c",
+                &new_id(),
+                &activity,
+                "ParticipantJoined",
+                &json!({"user_id": user}),
+            ));
+        }
+    }
+    env.produce(&records).await;
+    let daemon = env.start(&[]);
+    wait_committed(&env, 2, records.len() as i64, WAIT).await;
+    let before = env.snapshot().await;
+
+    // The same records again (Kafka's at-least-once, a connector restart), and a snapshot re-read (op=r).
+    env.produce(&records).await;
+    let reread: Vec<Rec> = records
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            let v = String::from_utf8(r.value.unwrap())
+                .unwrap()
+                .replace("\"op\":\"c\"", "\"op\":\"r\"");
+            r.value = Some(v.into_bytes());
+            r
+        })
+        .collect();
+    env.produce(&reread).await;
+    wait_committed(&env, 2, 3 * records.len() as i64, WAIT).await;
+    daemon.stop().await;
+
+    let after = env.snapshot().await;
+    assert_eq!(before, after, "redelivery changed documents");
+    let a = env
+        .find_one("activities", doc! { "_id": &activity })
+        .await
+        .unwrap();
+    assert_eq!(a.get_i32("participant_count").unwrap(), 5);
+    let totals = env
+        .find_one("user_statistics", doc! { "_id": "totals" })
+        .await
+        .unwrap();
+    assert_eq!(totals.get_i64("total_users").unwrap(), 20);
+}
+
+struct AlwaysFails;
+
+#[async_trait]
+impl EventHandler for AlwaysFails {
+    fn event_type(&self) -> &str {
+        "UserCreated"
+    }
+    fn name(&self) -> &str {
+        "AlwaysFails"
+    }
+    async fn handle(&self, _: &OutboxEvent, _: &HandlerContext) -> Result<(), HandlerError> {
+        Err(HandlerError::invalid("this handler rejects everything"))
+    }
+}
+
+struct Panics(AtomicU32);
+
+#[async_trait]
+impl EventHandler for Panics {
+    fn event_type(&self) -> &str {
+        "UserCreated"
+    }
+    fn name(&self) -> &str {
+        "Panics"
+    }
+    async fn handle(&self, _: &OutboxEvent, _: &HandlerContext) -> Result<(), HandlerError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        panic!("a bug in a handler");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_handler_does_not_stop_its_sibling_and_is_dead_lettered() {
+    let env = TestEnv::new("isolation", 1).await;
+    let user = new_id();
+    let event_id = new_id();
+    env.produce(&[change_event(
+        "c",
+        &event_id,
+        &user,
+        "UserCreated",
+        &json!({"email": "iso@example.com"}),
+    )])
+    .await;
+    let mut registry = Registry::new();
+    event_processor::handlers::register_all(&mut registry).unwrap();
+    registry.register(Arc::new(AlwaysFails)).unwrap();
+    let panics = Arc::new(Panics(AtomicU32::new(0)));
+    registry.register(panics.clone()).unwrap();
+    let daemon = env.start_with(registry, &[("HANDLER_MAX_ATTEMPTS", "2")]);
+    wait_committed(&env, 1, 1, WAIT).await;
+    daemon.stop().await;
+
+    assert!(
+        env.find_one("users", doc! { "_id": &user }).await.is_some(),
+        "sibling handler ran"
+    );
+    assert_eq!(panics.0.load(Ordering::SeqCst), 2);
+    let letters = env.dead_letters(2);
+    assert_eq!(letters.len(), 2, "one dead letter per failed handler");
+    let mut by_handler: Vec<(String, String)> = letters
+        .iter()
+        .map(|m| {
+            (
+                header(m, "dlq.handler").unwrap(),
+                header(m, "dlq.error.class").unwrap(),
+            )
+        })
+        .collect();
+    by_handler.sort();
+    assert_eq!(
+        by_handler,
+        [
+            ("AlwaysFails".to_string(), "handler.permanent".to_string()),
+            ("Panics".to_string(), "handler.panic".to_string()),
+        ]
+    );
+    for m in &letters {
+        assert_eq!(
+            header(m, "dlq.original.topic").as_deref(),
+            Some(env.topic.as_str())
+        );
+        assert_eq!(header(m, "dlq.original.partition").as_deref(), Some("0"));
+        assert_eq!(header(m, "dlq.original.offset").as_deref(), Some("0"));
+        assert_eq!(header(m, "dlq.attempts").as_deref(), Some("2"));
+        assert_eq!(
+            header(m, "dlq.event.id").as_deref(),
+            Some(event_id.as_str())
+        );
+        assert_eq!(
+            header(m, "dlq.consumer.group").as_deref(),
+            Some(env.group.as_str())
+        );
+        assert!(header(m, "dlq.original.timestamp").is_some_and(|t| t.parse::<i64>().is_ok()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_offset_read_back_from_the_broker_is_last_plus_one() {
+    let env = TestEnv::new("offsets", 1).await;
+    let records: Vec<Rec> = (0..25)
+        .map(|i| {
+            change_event(
+                "c",
+                &new_id(),
+                &new_id(),
+                "UserCreated",
+                &json!({"email": format!("o{i}@example.com")}),
+            )
+        })
+        .collect();
+    env.produce(&records).await;
+    assert_eq!(env.committed(1), [None]);
+    let daemon = env.start(&[
+        ("PROCESSING_BATCH_SIZE", "10"),
+        ("KAFKA_MAX_POLL_RECORDS", "10"),
+    ]);
+    wait_committed(&env, 1, 25, WAIT).await;
+    daemon.stop().await;
+    // Offsets 0..=24 were processed: Kafka must hold 25, the next offset to read, not 24.
+    assert_eq!(env.committed(1), [Some(25)]);
+    assert_eq!(env.count("users", doc! {}).await, 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_are_dead_lettered_and_the_partition_keeps_moving() {
+    let env = TestEnv::new("poison", 1).await;
+    let ok_user = new_id();
+    let mut big = change_event(
+        "c",
+        &new_id(),
+        &new_id(),
+        "UserCreated",
+        &json!({"email": "big@example.com"}),
+    );
+    big.value = Some(format!("{{\"junk\":\"{}\"}}", "x".repeat(1_100_000)).into_bytes());
+    let records = vec![
+        Rec::new("k", "not json at all"),
+        Rec::new("k", "{\"hello\":\"world\"}"),
+        Rec {
+            value: Some(vec![0xff, 0xfe, 0x00]),
+            ..Rec::new("k", "")
+        },
+        change_event(
+            "c",
+            "not-a-uuid",
+            &new_id(),
+            "UserCreated",
+            &json!({"email": "x@example.com"}),
+        ),
+        Rec::new(
+            "k",
+            &json!({"op": "c", "after": {"event_id": new_id(), "aggregate_id": "a",
+            "event_type": "UserCreated", "payload": "{not json"}})
+            .to_string(),
+        ),
+        change_event(
+            "c",
+            &new_id(),
+            &new_id(),
+            "UserCreated",
+            &json!({"username": "no email"}),
+        ),
+        change_event(
+            "c",
+            &new_id(),
+            &new_id(),
+            "SomethingNobodyHandles",
+            &json!({}),
+        ),
+        big,
+        Rec {
+            value: None,
+            ..Rec::new("k", "")
+        },
+        change_event(
+            "c",
+            &new_id(),
+            &ok_user,
+            "UserCreated",
+            &json!({"email": "after-poison@example.com"}),
+        ),
+    ];
+    env.produce(&records).await;
+    let daemon = env.start(&[("HANDLER_MAX_ATTEMPTS", "1")]);
+    wait_committed(&env, 1, records.len() as i64, WAIT).await;
+    daemon.stop().await;
+
+    assert!(
+        env.find_one("users", doc! { "_id": &ok_user })
+            .await
+            .is_some(),
+        "record after the poison processed"
+    );
+    let letters = env.dead_letters(7);
+    let mut classes: Vec<String> = letters
+        .iter()
+        .map(|m| header(m, "dlq.error.class").unwrap())
+        .collect();
+    classes.sort();
+    assert_eq!(
+        classes,
+        [
+            "decode.bad_field",
+            "decode.invalid_utf8",
+            "decode.missing_event_type",
+            "decode.missing_event_type",
+            "decode.not_json",
+            "decode.payload_not_json",
+            "handler.permanent",
+        ]
+    );
+    // Unknown event type and tombstone: skipped, not dead-lettered; everything else accounted for.
+    let offsets: Vec<i64> = letters
+        .iter()
+        .map(|m| header(m, "dlq.original.offset").unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        offsets.contains(&7),
+        "the 1 MiB record is dead-lettered too: {offsets:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_under_load_commits_what_was_finished_and_restart_redoes_nothing_twice() {
+    let env = TestEnv::new("shutdown", 3).await;
+    let n = 600;
+    let records: Vec<Rec> = (0..n)
+        .map(|i| {
+            change_event(
+                "c",
+                &new_id(),
+                &new_id(),
+                "UserCreated",
+                &json!({"email": format!("s{i}@example.com")}),
+            )
+        })
+        .collect();
+    env.produce(&records).await;
+    let daemon = env.start(&[
+        ("PROCESSING_BATCH_SIZE", "20"),
+        ("KAFKA_MAX_POLL_RECORDS", "20"),
+    ]);
+    wait_until("some users written", WAIT, || async {
+        env.count("users", doc! {}).await >= 60
+    })
+    .await;
+    daemon.stop().await;
+
+    let committed: i64 = env.committed(3).iter().map(|o| o.unwrap_or(0)).sum();
+    let written = env.count("users", doc! {}).await as i64;
+    assert!(committed > 0, "nothing committed on shutdown");
+    assert!(
+        committed <= written,
+        "committed {committed} records but only {written} were written"
+    );
+
+    let daemon = env.start(&[]);
+    wait_committed(&env, 3, n as i64, WAIT).await;
+    daemon.stop().await;
+    assert_eq!(env.count("users", doc! {}).await, n as u64);
+    let totals = env
+        .find_one("user_statistics", doc! { "_id": "totals" })
+        .await
+        .unwrap();
+    assert_eq!(
+        totals.get_i64("total_users").unwrap(),
+        n as i64,
+        "no sign-up counted twice"
+    );
+}
