@@ -78,8 +78,11 @@ fn to_message(f: &Fixture) -> OwnedMessage {
     )
 }
 
-/// (event id, aggregate id, event type, payload) of every event a variant yields, plus its skips.
-fn decode_variant(name: &str) -> (BTreeSet<(String, String, String, String)>, Vec<SkipReason>) {
+/// (event id, aggregate id, event type, payload) of an event.
+type EventKey = (String, String, String, String);
+
+/// Every event a variant yields, plus its skips.
+fn decode_variant(name: &str) -> (BTreeSet<EventKey>, Vec<SkipReason>) {
     let mut events = BTreeSet::new();
     let mut skips = Vec::new();
     for f in load(name) {
