@@ -1,0 +1,497 @@
+//! From an `INSERT` in PostgreSQL, through the shipped Debezium connector configs in Kafka Connect, through
+//! Kafka and the daemon, to documents in MongoDB. Each test deploys its own copy of the shipped connector file
+//! (own name, topic prefix and replication slot; nothing else changed unless the test says so).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use event_processor::{EventHandler, HandlerContext, HandlerError, OutboxEvent, Registry};
+use mongodb::bson::{Document, doc};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// One deployed connector and the PostgreSQL connection of a test.
+struct Pipeline {
+    pg: tokio_postgres::Client,
+    connect: String,
+    name: String,
+    slot: String,
+    prefix: String,
+}
+
+impl Pipeline {
+    /// Deploys `debezium/<file>` under fresh names, with `overrides`, and waits until the connector, every task
+    /// and the replication slot are live.
+    async fn deploy(file: &str, overrides: &[(&str, &str)]) -> Pipeline {
+        let (pg_url, connect) = e2e_services();
+        let (pg, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL (POSTGRES_URL)");
+        tokio::spawn(conn);
+        let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
+        let p = Pipeline {
+            pg,
+            connect,
+            name: format!("e2e-{suffix}"),
+            slot: format!("e2e_{suffix}"),
+            prefix: format!("e2e{suffix}"),
+        };
+        let path = format!("{}/debezium/{file}", env!("CARGO_MANIFEST_DIR"));
+        let shipped: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut cfg = shipped["config"].as_object().unwrap().clone();
+        let url = url_parts(&pg_url);
+        for (k, v) in [
+            ("database.hostname", url.host.as_str()),
+            ("database.port", url.port.as_str()),
+            ("database.user", url.user.as_str()),
+            ("database.password", url.password.as_str()),
+            ("database.dbname", url.db.as_str()),
+            ("topic.prefix", p.prefix.as_str()),
+            ("slot.name", p.slot.as_str()),
+        ] {
+            cfg.insert(k.into(), Value::String(v.into()));
+        }
+        if cfg.contains_key("transforms.outbox.route.topic.replacement") {
+            cfg.insert(
+                "transforms.outbox.route.topic.replacement".into(),
+                Value::String(format!("{}.event.${{routedByValue}}", p.prefix)),
+            );
+        }
+        for (k, v) in overrides {
+            cfg.insert(k.to_string(), Value::String(v.to_string()));
+        }
+        let (code, body) = http(
+            &p.connect,
+            "PUT",
+            &format!("/connectors/{}/config", p.name),
+            Some(&Value::Object(cfg)),
+        )
+        .await;
+        assert!(
+            code == 200 || code == 201,
+            "deploying the connector: HTTP {code}: {body}"
+        );
+        wait_until("connector and every task RUNNING", WAIT, || async {
+            let (code, body) = http(
+                &p.connect,
+                "GET",
+                &format!("/connectors/{}/status", p.name),
+                None,
+            )
+            .await;
+            let s: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            let tasks = s["tasks"].as_array().cloned().unwrap_or_default();
+            assert!(
+                !tasks.iter().any(|t| t["state"] == "FAILED"),
+                "connector task failed: {body}"
+            );
+            code == 200
+                && s["connector"]["state"] == "RUNNING"
+                && !tasks.is_empty()
+                && tasks.iter().all(|t| t["state"] == "RUNNING")
+        })
+        .await;
+        wait_until("replication slot active", WAIT, || async {
+            let rows =
+                p.pg.query(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    &[&p.slot],
+                )
+                .await
+                .unwrap();
+            !rows.is_empty()
+        })
+        .await;
+        p
+    }
+
+    async fn insert(
+        &self,
+        event_type: &str,
+        aggregate_id: &str,
+        aggregate_type: &str,
+        payload: &Value,
+    ) -> String {
+        let id = new_id();
+        self.pg
+            .execute(
+                "INSERT INTO activity.event_outbox (event_id, aggregate_id, aggregate_type, event_type, payload) \
+                 VALUES ($1::text::uuid, $2::text::uuid, $3, $4, $5::text::jsonb)",
+                &[&id, &aggregate_id, &aggregate_type, &event_type, &payload.to_string()],
+            )
+            .await
+            .expect("INSERT into the outbox");
+        id
+    }
+
+    /// The daemon's settings for this connector's topics.
+    fn topics(&self, router: bool) -> String {
+        if router {
+            format!("^{}\\.event\\..*", self.prefix)
+        } else {
+            format!("{}.activity.event_outbox", self.prefix)
+        }
+    }
+
+    async fn remove(self) {
+        let _ = http(
+            &self.connect,
+            "DELETE",
+            &format!("/connectors/{}", self.name),
+            None,
+        )
+        .await;
+        for _ in 0..50 {
+            let dropped = self
+                .pg
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                    &[&self.slot],
+                )
+                .await;
+            let left = self
+                .pg
+                .query(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.slot],
+                )
+                .await
+                .map(|r| r.len())
+                .unwrap_or(1);
+            if dropped.is_ok() && left == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+struct UrlParts {
+    user: String,
+    password: String,
+    host: String,
+    port: String,
+    db: String,
+}
+
+/// `postgres://user:password@host:port/db`.
+fn url_parts(url: &str) -> UrlParts {
+    let rest = url
+        .split("://")
+        .nth(1)
+        .expect("POSTGRES_URL is postgres://user:password@host:port/db");
+    let (auth, hostdb) = rest
+        .split_once('@')
+        .expect("POSTGRES_URL needs user:password@");
+    let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
+    let (hostport, db) = hostdb.split_once('/').unwrap_or((hostdb, "postgres"));
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5432"));
+    UrlParts {
+        user: user.into(),
+        password: password.into(),
+        host: host.into(),
+        port: port.into(),
+        db: db.split('?').next().unwrap_or(db).into(),
+    }
+}
+
+/// A minimal HTTP/1.1 client for the Kafka Connect REST API.
+async fn http(base: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    let hostport = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = tokio::net::TcpStream::connect(hostport)
+        .await
+        .expect("Kafka Connect (KAFKA_CONNECT_URL)");
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\nAccept: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    // Chunked bodies: keep the JSON between the first '{' and the last '}'.
+    let body = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) if b > a => body[a..=b].to_string(),
+        _ => body,
+    };
+    (code, body)
+}
+
+async fn wait_for_doc(env: &TestEnv, coll: &str, filter: Document) -> Document {
+    wait_until(&format!("{coll} {filter}"), WAIT, || async {
+        env.find_one(coll, filter.clone()).await.is_some()
+    })
+    .await;
+    env.find_one(coll, filter).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_sample_insert_makes_the_user_findable_by_email() {
+    let env = TestEnv::new("e2e_readme", 1).await;
+    let p = Pipeline::deploy("postgres-connector.json", &[("snapshot.mode", "no_data")]).await;
+    let daemon = env.start(&[("KAFKA_TOPICS", &p.topics(false))]);
+    // The README's sample INSERT, verbatim.
+    let row = p
+        .pg
+        .query_one(
+            "INSERT INTO activity.event_outbox (event_id, aggregate_id, aggregate_type, event_type, payload) \
+             VALUES (gen_random_uuid(), gen_random_uuid(), 'user', 'UserCreated', \
+             '{\"email\": \"test@example.com\", \"username\": \"testuser\", \"first_name\": \"Test\", \"last_name\": \"User\"}') \
+             RETURNING aggregate_id::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    let user_id: String = row.get(0);
+    let user = wait_for_doc(&env, "users", doc! { "_id": &user_id }).await;
+    let by_email = env
+        .find_one("users", doc! { "email": "test@example.com" })
+        .await
+        .unwrap();
+    assert_eq!(by_email.get_str("_id").unwrap(), user_id);
+    assert_eq!(user.get_str("username").unwrap(), "testuser");
+    assert_eq!(user.get_str("last_name").unwrap(), "User");
+    daemon.stop().await;
+    p.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_with_two_participants_counts_two() {
+    let env = TestEnv::new("e2e_activity", 1).await;
+    let p = Pipeline::deploy("postgres-connector.json", &[("snapshot.mode", "no_data")]).await;
+    let daemon = env.start(&[("KAFKA_TOPICS", &p.topics(false))]);
+    let activity = new_id();
+    let (u1, u2) = (new_id(), new_id());
+    p.insert(
+        "ActivityCreated",
+        &activity,
+        "activity",
+        &json!({"title": "Ride", "organizer_id": u1, "max_participants": 8}),
+    )
+    .await;
+    p.insert(
+        "ParticipantJoined",
+        &activity,
+        "activity",
+        &json!({"user_id": u1}),
+    )
+    .await;
+    p.insert(
+        "ParticipantJoined",
+        &activity,
+        "activity",
+        &json!({"user_id": u2}),
+    )
+    .await;
+    wait_until("two participants", WAIT, || async {
+        env.find_one(
+            "activities",
+            doc! { "_id": &activity, "participant_count": 2 },
+        )
+        .await
+        .is_some()
+    })
+    .await;
+    let a = env
+        .find_one("activities", doc! { "_id": &activity })
+        .await
+        .unwrap();
+    assert_eq!(a.get_str("title").unwrap(), "Ride");
+    let users: Vec<&str> = a
+        .get_array("participants")
+        .unwrap()
+        .iter()
+        .map(|p| p.as_document().unwrap().get_str("user_id").unwrap())
+        .collect();
+    assert_eq!(
+        users,
+        [u1.as_str(), u2.as_str()],
+        "in commit order, once each"
+    );
+    daemon.stop().await;
+    p.remove().await;
+}
+
+/// Counts dispatches per event id with a non-idempotent `$inc`, to observe a second dispatch.
+struct DispatchCounter;
+
+#[async_trait]
+impl EventHandler for DispatchCounter {
+    fn event_type(&self) -> &str {
+        "UserCreated"
+    }
+    fn name(&self) -> &str {
+        "DispatchCounter"
+    }
+    async fn handle(&self, e: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {
+        ctx.db
+            .collection::<Document>("dispatches")
+            .update_one(doc! { "_id": &e.event_id }, doc! { "$inc": { "n": 1 } })
+            .upsert(true)
+            .await
+            .map_err(event_processor::store::classify)?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updating_the_status_column_dispatches_nothing_a_second_time() {
+    let env = TestEnv::new("e2e_update", 1).await;
+    let p = Pipeline::deploy("postgres-connector.json", &[("snapshot.mode", "no_data")]).await;
+    let mut registry = Registry::new();
+    event_processor::handlers::register_all(&mut registry).unwrap();
+    registry.register(Arc::new(DispatchCounter)).unwrap();
+    let daemon = env.start_with(registry, &[("KAFKA_TOPICS", &p.topics(false))]);
+    let user = new_id();
+    let id = p
+        .insert(
+            "UserCreated",
+            &user,
+            "user",
+            &json!({"email": "upd@example.com"}),
+        )
+        .await;
+    wait_for_doc(&env, "dispatches", doc! { "_id": &id }).await;
+    p.pg.execute(
+        "UPDATE activity.event_outbox SET status = 'processed' WHERE event_id = $1::text::uuid",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    // A later event on the same key: once it is processed, the update before it has been consumed too.
+    let sentinel = p
+        .insert(
+            "UserCreated",
+            &user,
+            "user",
+            &json!({"email": "upd@example.com"}),
+        )
+        .await;
+    wait_for_doc(&env, "dispatches", doc! { "_id": &sentinel }).await;
+    let d = env
+        .find_one("dispatches", doc! { "_id": &id })
+        .await
+        .unwrap();
+    assert_eq!(
+        d.get_i32("n").unwrap(),
+        1,
+        "the status update dispatched the event again"
+    );
+    daemon.stop().await;
+    p.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_inserted_before_the_connector_was_deployed_are_not_lost() {
+    let env = TestEnv::new("e2e_snapshot", 1).await;
+    let (pg_url, _) = e2e_services();
+    let (pg, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let user = new_id();
+    pg.execute(
+        "INSERT INTO activity.event_outbox (event_id, aggregate_id, aggregate_type, event_type, payload) \
+         VALUES (gen_random_uuid(), $1::text::uuid, 'user', 'UserCreated', $2::text::jsonb)",
+        &[&user, &json!({"email": "early@example.com"}).to_string()],
+    )
+    .await
+    .unwrap();
+    // The shipped config as is: snapshot.mode=initial reads existing rows first.
+    let p = Pipeline::deploy("postgres-connector.json", &[]).await;
+    let daemon = env.start(&[("KAFKA_TOPICS", &p.topics(false))]);
+    let u = wait_for_doc(&env, "users", doc! { "_id": &user }).await;
+    assert_eq!(u.get_str("email").unwrap(), "early@example.com");
+    daemon.stop().await;
+    p.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_event_router_variant_gives_the_same_result() {
+    let env = TestEnv::new("e2e_router", 1).await;
+    let p = Pipeline::deploy(
+        "outbox-router-connector.json",
+        &[("snapshot.mode", "no_data")],
+    )
+    .await;
+    let daemon = env.start(&[("KAFKA_TOPICS", &p.topics(true))]);
+    let (user, activity) = (new_id(), new_id());
+    p.insert(
+        "UserCreated",
+        &user,
+        "user",
+        &json!({"email": "router@example.com", "username": "r"}),
+    )
+    .await;
+    p.insert(
+        "ActivityCreated",
+        &activity,
+        "activity",
+        &json!({"title": "Swim", "organizer_id": user}),
+    )
+    .await;
+    p.insert(
+        "ParticipantJoined",
+        &activity,
+        "activity",
+        &json!({"user_id": user}),
+    )
+    .await;
+    let u = wait_for_doc(&env, "users", doc! { "email": "router@example.com" }).await;
+    assert_eq!(u.get_str("_id").unwrap(), user);
+    wait_until("participant", WAIT, || async {
+        env.find_one(
+            "activities",
+            doc! { "_id": &activity, "participant_count": 1 },
+        )
+        .await
+        .is_some()
+    })
+    .await;
+    let a = env
+        .find_one("activities", doc! { "_id": &activity })
+        .await
+        .unwrap();
+    assert_eq!(a.get_str("title").unwrap(), "Swim");
+    // Every connector sees every outbox row, so other tests' users land here too: the statistics must count
+    // ours once and agree with the users collection.
+    let user_event = u.get_str("last_event_id").unwrap().to_string();
+    wait_for_doc(
+        &env,
+        "user_statistics",
+        doc! { "kind": "daily", "event_ids": &user_event },
+    )
+    .await;
+    wait_until(
+        "total_users equal to the users collection",
+        WAIT,
+        || async {
+            let users = env.count("users", doc! {}).await as i64;
+            let totals = env
+                .find_one("user_statistics", doc! { "_id": "totals" })
+                .await;
+            totals.and_then(|t| t.get_i64("total_users").ok()) == Some(users)
+        },
+    )
+    .await;
+    assert!(env.dead_letters(0).is_empty());
+    daemon.stop().await;
+    p.remove().await;
+}
