@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// librdkafka properties the daemon's delivery guarantee depends on; `KAFKA_PROPERTY_*` cannot change them.
 const PROTECTED_KAFKA_PROPERTIES: &[&str] = &[
@@ -42,6 +42,13 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Serialized redacted, like `Debug`: serialization is for logs and introspection, never for connecting.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&redact_uri(&self.0))
+    }
+}
+
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&redact_uri(&self.0))
@@ -72,7 +79,7 @@ pub enum LogFormat {
 }
 
 /// Every setting of the daemon. Field `foo_bar` is read from `FOO_BAR`; `.env.example` lists them all.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Config {
     pub kafka_bootstrap_servers: String,
     #[serde(default = "d::group_id")]
@@ -130,7 +137,7 @@ pub struct Config {
     #[serde(default = "d::stats_interval_secs")]
     pub stats_interval_secs: u64,
     /// librdkafka properties from `KAFKA_PROPERTY_*` (filled by [`Config::from_env`], not by `envy`).
-    #[serde(skip)]
+    #[serde(skip_deserializing, skip_serializing)]
     pub kafka_properties: BTreeMap<String, String>,
 }
 
@@ -303,6 +310,14 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The names of every environment variable this configuration reads (besides `KAFKA_PROPERTY_*`).
+    pub fn variable_names(&self) -> Vec<String> {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(m)) => m.keys().map(|k| k.to_ascii_uppercase()).collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// The subscription: topic names and `^`-patterns.
