@@ -23,8 +23,12 @@ fn env_example() -> Vec<(String, String)> {
 
 #[test]
 fn env_example_lists_every_variable_the_configuration_knows_and_no_other() {
-    let vars: Vec<(String, String)> = env_example().into_iter().filter(|(_, v)| !v.is_empty()).collect();
-    let config = Config::from_vars(vars.clone()).expect(".env.example must be a valid configuration");
+    let vars: Vec<(String, String)> = env_example()
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    let config =
+        Config::from_vars(vars.clone()).expect(".env.example must be a valid configuration");
     let known: BTreeSet<String> = config.variable_names().into_iter().collect();
     let listed: BTreeSet<String> = env_example().into_iter().map(|(k, _)| k).collect();
     assert_eq!(listed, known, ".env.example and Config disagree");
@@ -32,7 +36,8 @@ fn env_example_lists_every_variable_the_configuration_knows_and_no_other() {
 
 #[test]
 fn env_example_values_are_the_defaults() {
-    let example = Config::from_vars(env_example().into_iter().filter(|(_, v)| !v.is_empty())).unwrap();
+    let example =
+        Config::from_vars(env_example().into_iter().filter(|(_, v)| !v.is_empty())).unwrap();
     let required: Vec<(String, String)> = env_example()
         .into_iter()
         .filter(|(k, _)| k == "KAFKA_BOOTSTRAP_SERVERS" || k == "MONGODB_URI")
@@ -50,7 +55,10 @@ fn compose_event_processor_can_be_scaled() {
     let compose: serde_yaml::Value = serde_yaml::from_str(&read("docker-compose.yml")).unwrap();
     let ep = &compose["services"]["event-processor"];
     assert!(ep.is_mapping(), "no event-processor service");
-    assert!(ep.get("container_name").is_none(), "container_name prevents --scale");
+    assert!(
+        ep.get("container_name").is_none(),
+        "container_name prevents --scale"
+    );
     if let Some(ports) = ep.get("ports") {
         for p in ports.as_sequence().unwrap() {
             let p = p.as_str().unwrap_or_default();
@@ -58,20 +66,27 @@ fn compose_event_processor_can_be_scaled() {
         }
     }
     // Three consumers need at least three partitions on the topic the connector creates.
-    let connector: serde_json::Value = serde_json::from_str(&read("debezium/postgres-connector.json")).unwrap();
+    let connector: serde_json::Value =
+        serde_json::from_str(&read("debezium/postgres-connector.json")).unwrap();
     let partitions: i32 = connector["config"]["topic.creation.default.partitions"]
         .as_str()
         .unwrap()
         .parse()
         .unwrap();
-    assert!(partitions >= 3, "{partitions} partitions cannot feed three consumers");
+    assert!(
+        partitions >= 3,
+        "{partitions} partitions cannot feed three consumers"
+    );
     let topics = ep["environment"]["KAFKA_TOPICS"].as_str().unwrap();
     assert_eq!(topics, "postgres.activity.event_outbox");
     // Every variable the compose file passes is one the configuration reads.
     let known: BTreeSet<String> = env_example().into_iter().map(|(k, _)| k).collect();
     for (k, _) in ep["environment"].as_mapping().unwrap() {
         let k = k.as_str().unwrap();
-        assert!(known.contains(k) || k.starts_with("KAFKA_PROPERTY_"), "compose sets unknown variable {k}");
+        assert!(
+            known.contains(k) || k.starts_with("KAFKA_PROPERTY_"),
+            "compose sets unknown variable {k}"
+        );
     }
 }
 
@@ -80,5 +95,8 @@ fn dockerfile_healthcheck_uses_the_binary_and_runs_as_non_root() {
     let d = read("Dockerfile");
     assert!(d.contains("HEALTHCHECK") && d.contains("\"event-processor\", \"healthcheck\""));
     assert!(d.contains("cargo build --release --locked"));
-    assert!(d.lines().any(|l| l.starts_with("USER ") && !l.contains("root")));
+    assert!(
+        d.lines()
+            .any(|l| l.starts_with("USER ") && !l.contains("root"))
+    );
 }
