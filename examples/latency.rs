@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use event_processor::{Config, EventHandler, HandlerContext, HandlerError, OutboxEvent, Registry};
-use mongodb::bson::{Document, doc};
+use mongodb::bson::doc;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
@@ -41,15 +41,14 @@ impl EventHandler for Probe {
         "LatencyProbe"
     }
     async fn handle(&self, e: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {
-        ctx.db
-            .collection::<Document>("latency_probe")
-            .update_one(
-                doc! { "_id": &e.event_id },
-                doc! { "$set": { "seen": true } },
-            )
-            .upsert(true)
-            .await
-            .map_err(event_processor::store::classify)?;
+        event_processor::store::update_one(
+            ctx,
+            "latency_probe",
+            doc! { "_id": &e.event_id },
+            doc! { "$set": { "seen": true } },
+            true,
+        )
+        .await?;
         self.0
             .lock()
             .unwrap()
@@ -103,15 +102,36 @@ async fn main() -> anyhow::Result<()> {
         ("KAFKA_AUTO_OFFSET_RESET".into(), "latest".into()),
         ("DLQ_TOPIC".into(), format!("latency_{suffix}.dlq")),
         ("HTTP_PORT".into(), "0".into()),
-        ("LOG_LEVEL".into(), "warn".into()),
+        (
+            "LOG_LEVEL".into(),
+            std::env::var("LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+        ),
     ])?;
     if mode != "pg" {
         event_processor_admin::create_topic(&kafka, &topic, 6).await?;
     }
     let seen = Arc::new(Mutex::new(HashMap::new()));
     let mut registry = Registry::new();
-    event_processor::handlers::register_all(&mut registry)?;
+    // LATENCY_PROBE_ONLY=1 leaves the shipped handlers out, to see the pipeline without their writes.
+    // LATENCY_HANDLERS=UserCreatedHandler,... keeps only the named shipped handlers.
+    if std::env::var_os("LATENCY_PROBE_ONLY").is_none() {
+        let mut all = Registry::new();
+        event_processor::handlers::register_all(&mut all)?;
+        let keep = std::env::var("LATENCY_HANDLERS").ok();
+        for name in all.names() {
+            if keep
+                .as_deref()
+                .is_none_or(|k| k.split(',').any(|n| n == name))
+            {
+                registry.register(all.by_name(name).unwrap().clone())?;
+            }
+        }
+    }
     registry.register(Arc::new(Probe(seen.clone())))?;
+    if let Ok(level) = std::env::var("LOG_LEVEL") {
+        let _ =
+            event_processor::telemetry::init(&level, event_processor::config::LogFormat::Pretty);
+    }
     let token = CancellationToken::new();
     let daemon = tokio::spawn(event_processor::run_with_registry(
         config,

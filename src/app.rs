@@ -94,7 +94,7 @@ pub async fn run_with_registry(
     let work_cancel = CancellationToken::new();
     let processor = Processor {
         registry: Arc::new(registry),
-        ctx: HandlerContext { db },
+        ctx: HandlerContext::new(db),
         dead_letters: dead_letters.clone(),
         settings: ProcessingSettings::from_config(&config),
         cancel: work_cancel.clone(),

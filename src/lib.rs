@@ -21,7 +21,8 @@
 //! - [`decode`]: every Debezium record shape into an [`event::OutboxEvent`].
 //! - [`pipeline`]: per-record processing: fan-out, retries, isolation, dead letters.
 //! - [`registry`]: the [`registry::EventHandler`] trait and registration; [`handlers`]: the shipped read models.
-//! - [`store`]: MongoDB client, error classes, the guarded upsert; [`dlq`]: the dead-letter topic.
+//! - [`store`]: MongoDB client, error classes, the guarded upsert; [`writer`]: coalesces handlers' writes into
+//!   bulk commands; [`dlq`]: the dead-letter topic.
 //! - [`health`], [`http`], [`telemetry`]: what operators see.
 
 pub mod app;
@@ -38,6 +39,7 @@ pub mod registry;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod writer;
 
 pub use app::{run, run_with_registry};
 pub use config::Config;

@@ -9,11 +9,24 @@ use async_trait::async_trait;
 use mongodb::Database;
 
 use crate::event::OutboxEvent;
+use crate::writer::Writer;
 
-/// What a handler gets besides the event: the MongoDB database its read models live in.
+/// What a handler gets besides the event: the MongoDB database its read models live in, and the coalescing
+/// writer that batches its update statements with those of concurrent handlers (see `store::guarded_upsert`).
 #[derive(Clone, Debug)]
 pub struct HandlerContext {
     pub db: Database,
+    pub writer: Writer,
+}
+
+impl HandlerContext {
+    /// A context whose writes go through a new coalescing writer for `db`. Needs a tokio runtime.
+    pub fn new(db: Database) -> Self {
+        HandlerContext {
+            writer: Writer::start(db.clone()),
+            db,
+        }
+    }
 }
 
 /// A handler's failure, and whether trying again can help. The pipeline acts on the variant, never on the text.

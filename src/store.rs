@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use mongodb::bson::Document;
 use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
-use mongodb::options::{ClientOptions, UpdateOptions};
-use mongodb::{Client, Collection, Database};
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Database};
 
-use crate::registry::HandlerError;
+use crate::registry::{HandlerContext, HandlerError};
+use crate::writer::WriteError;
 
 /// Server error codes that mean "try again later": network, elections, shutdowns, time limits, write conflicts.
 const TRANSIENT_CODES: &[i32] = &[
@@ -96,40 +97,60 @@ pub fn classify(err: MongoError) -> HandlerError {
     }
 }
 
-/// What a guarded upsert did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    /// The document was created or changed.
-    Changed,
-    /// The guard in the filter held the update back: already applied, or a newer state is present.
-    AlreadyApplied,
+/// Wraps a coalesced write's failure as a handler error of the right class.
+pub fn classify_write(err: WriteError) -> HandlerError {
+    match err {
+        WriteError::Command(e) => classify(e),
+        WriteError::Statement { code, message } if TRANSIENT_CODES.contains(&code) => {
+            HandlerError::Transient(anyhow::anyhow!("MongoDB write error {code}: {message}"))
+        }
+        WriteError::Statement { code, message } => {
+            HandlerError::Permanent(anyhow::anyhow!("MongoDB write error {code}: {message}"))
+        }
+        WriteError::Closed => {
+            HandlerError::Transient(anyhow::anyhow!("the MongoDB writer stopped"))
+        }
+    }
+}
+
+/// `updateOne` through the context's coalescing writer, errors classified.
+pub async fn update_one(
+    ctx: &HandlerContext,
+    collection: &str,
+    filter: Document,
+    update: Document,
+    upsert: bool,
+) -> Result<(), HandlerError> {
+    ctx.writer
+        .update_one(collection, filter, update, upsert)
+        .await
+        .map(|_| ())
+        .map_err(classify_write)
 }
 
 /// An upsert whose filter carries a guard ("event not yet applied", "state not newer"). When the guard holds the
-/// update back on an existing document, the upsert's insert collides on `_id` (E11000): that means the effect is
-/// already there. One retry without upsert tells that apart from two writers racing to create the document.
+/// update back on an existing document, the upsert's insert collides on `_id` (E11000): the effect is already
+/// there. One retry without upsert tells that apart from two writers racing to create the document.
 pub async fn guarded_upsert(
-    coll: &Collection<Document>,
+    ctx: &HandlerContext,
+    collection: &str,
     filter: Document,
     update: Document,
-) -> Result<Applied, HandlerError> {
-    let upsert = UpdateOptions::builder().upsert(true).build();
-    match coll
-        .update_one(filter.clone(), update.clone())
-        .with_options(upsert)
+) -> Result<(), HandlerError> {
+    match ctx
+        .writer
+        .update_one(collection, filter.clone(), update.clone(), true)
         .await
     {
-        Ok(r) if r.modified_count > 0 || r.upserted_id.is_some() => Ok(Applied::Changed),
-        Ok(_) => Ok(Applied::AlreadyApplied),
-        Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => {
-            let r = coll.update_one(filter, update).await.map_err(classify)?;
-            Ok(if r.modified_count > 0 {
-                Applied::Changed
-            } else {
-                Applied::AlreadyApplied
-            })
+        Ok(_) => Ok(()),
+        Err(WriteError::Statement {
+            code: DUPLICATE_KEY,
+            ..
+        }) => update_one(ctx, collection, filter, update, false).await,
+        Err(WriteError::Command(e)) if error_code(&e) == Some(DUPLICATE_KEY) => {
+            update_one(ctx, collection, filter, update, false).await
         }
-        Err(e) => Err(classify(e)),
+        Err(e) => Err(classify_write(e)),
     }
 }
 
@@ -167,5 +188,11 @@ mod tests {
         let dup = MongoError::from(ErrorKind::Write(WriteFailure::WriteError(w)));
         assert_eq!(error_code(&dup), Some(DUPLICATE_KEY));
         assert!(!classify(dup).is_transient());
+        let stmt = |code| crate::writer::WriteError::Statement {
+            code,
+            message: "x".into(),
+        };
+        assert!(classify_write(stmt(10107)).is_transient());
+        assert!(!classify_write(stmt(10334)).is_transient()); // BSONObjectTooLarge
     }
 }

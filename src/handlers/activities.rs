@@ -2,7 +2,7 @@
 //! by `ParticipantJoinedHandler`; this handler never touches them beyond starting an empty list.
 
 use async_trait::async_trait;
-use mongodb::bson::{Document, doc};
+use mongodb::bson::doc;
 
 use super::{ACTIVITIES, not_newer_than, occurred_at, payload_fields, payload_object, required};
 use crate::event::OutboxEvent;
@@ -40,7 +40,8 @@ impl EventHandler for ActivityCreatedHandler {
             "$setOnInsert": { "participants": [], "participant_count": 0 },
         };
         guarded_upsert(
-            &ctx.db.collection::<Document>(ACTIVITIES),
+            ctx,
+            ACTIVITIES,
             not_newer_than(&event.aggregate_id, "details_at", at),
             update,
         )

@@ -31,7 +31,7 @@ pub const ACTIVITIES: &str = "activities";
 /// Registers every shipped handler. Custom handlers go here too.
 pub fn register_all(registry: &mut Registry) -> Result<(), RegistryError> {
     registry.register(Arc::new(UserCreatedHandler))?;
-    registry.register(Arc::new(UserStatisticsHandler))?;
+    registry.register(Arc::new(UserStatisticsHandler::default()))?;
     registry.register(Arc::new(ActivityCreatedHandler))?;
     registry.register(Arc::new(ParticipantJoinedHandler))?;
     Ok(())
@@ -50,7 +50,11 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), mongodb::error::Error> 
         )
         .await?;
     db.collection::<Document>(USER_STATISTICS)
-        .create_index(IndexModel::builder().keys(doc! { "kind": 1 }).build())
+        .create_index(
+            IndexModel::builder()
+                .keys(doc! { "kind": 1, "date": 1 })
+                .build(),
+        )
         .await?;
     Ok(())
 }
@@ -109,10 +113,8 @@ pub(crate) fn occurred_at(event: &OutboxEvent) -> DateTime {
 }
 
 /// Filter that matches a document whose `field` is absent or not newer than `at`: a stale event never
-/// overwrites newer state.
+/// overwrites newer state. (`$not: {$gt}` rather than an `$or` of `$exists`/`$lte`: same documents, but servers
+/// keep using the `_id` index for it.)
 pub(crate) fn not_newer_than(id: &str, field: &str, at: DateTime) -> Document {
-    doc! {
-        "_id": id,
-        "$or": [ { field: { "$exists": false } }, { field: { "$lte": at } } ],
-    }
+    doc! { "_id": id, field: { "$not": { "$gt": at } } }
 }

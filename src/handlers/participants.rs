@@ -2,7 +2,7 @@
 //! `participant_count` changed in the same single-document update so the two always agree.
 
 use async_trait::async_trait;
-use mongodb::bson::{Bson, Document, doc};
+use mongodb::bson::{Bson, doc};
 
 use super::{ACTIVITIES, occurred_at, payload_object, required, to_bson};
 use crate::event::OutboxEvent;
@@ -38,7 +38,7 @@ impl EventHandler for ParticipantJoinedHandler {
             } },
             "$inc": { "participant_count": 1 },
         };
-        guarded_upsert(&ctx.db.collection::<Document>(ACTIVITIES), filter, update).await?;
+        guarded_upsert(ctx, ACTIVITIES, filter, update).await?;
         Ok(())
     }
 }

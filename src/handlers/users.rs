@@ -1,7 +1,7 @@
 //! `UserCreated` -> `users`, one document per user (`_id` = user id), found by `email`.
 
 use async_trait::async_trait;
-use mongodb::bson::{Document, doc};
+use mongodb::bson::doc;
 
 use super::{USERS, not_newer_than, occurred_at, payload_fields, payload_object, required};
 use crate::event::OutboxEvent;
@@ -30,12 +30,7 @@ impl EventHandler for UserCreatedHandler {
         set.insert("last_event_id", &event.event_id);
         set.insert("last_event_at", at);
         let filter = not_newer_than(&event.aggregate_id, "last_event_at", at);
-        guarded_upsert(
-            &ctx.db.collection::<Document>(USERS),
-            filter,
-            doc! { "$set": set },
-        )
-        .await?;
+        guarded_upsert(ctx, USERS, filter, doc! { "$set": set }).await?;
         Ok(())
     }
 }

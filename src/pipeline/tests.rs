@@ -114,9 +114,7 @@ fn processor(handlers: Vec<Arc<TestHandler>>, sink: Arc<Sink>) -> Processor {
     .unwrap();
     Processor {
         registry: Arc::new(registry),
-        ctx: HandlerContext {
-            db: client.database("unused"),
-        },
+        ctx: HandlerContext::new(client.database("unused")),
         dead_letters: sink,
         settings: ProcessingSettings {
             concurrency: 8,

@@ -1,0 +1,191 @@
+//! Write coalescing: the update statements that concurrent handlers issue are gathered and sent as one
+//! unordered `update` command per collection, so a batch costs a few round trips instead of one per write.
+//! Handlers still await their own statement and get its own result (its write error, if any), so per-key order,
+//! per-handler isolation and idempotency are unchanged. Owns the flusher task; never decides what a result means
+//! (the caller classifies it).
+//!
+//! Batching needs no timer: while one command is in flight, new statements queue up and go together in the next
+//! ("group commit"). At low load a statement is sent at once.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use mongodb::Database;
+use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
+use tokio::sync::{mpsc, oneshot};
+
+/// Statements per command at most.
+const MAX_STATEMENTS: usize = 500;
+/// Bytes of statements per command at most (a command is one BSON document, limited to 16 MiB).
+const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
+
+/// Why a statement failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// The command failed as a whole (network, server selection, not primary, ...).
+    #[error(transparent)]
+    Command(#[from] mongodb::error::Error),
+    /// The server rejected this statement (`writeErrors`) or its write concern (`writeConcernError`).
+    #[error("write error {code}: {message}")]
+    Statement { code: i32, message: String },
+    /// The writer is shutting down.
+    #[error("the MongoDB writer stopped")]
+    Closed,
+}
+
+/// What one statement did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatementResult {
+    /// The statement inserted a new document.
+    pub upserted: bool,
+}
+
+struct Op {
+    collection: String,
+    statement: Document,
+    bytes: usize,
+    reply: oneshot::Sender<Result<StatementResult, WriteError>>,
+}
+
+/// A handle for queueing update statements. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Writer {
+    tx: mpsc::UnboundedSender<Op>,
+}
+
+impl Writer {
+    /// Starts the flusher task for `db`. It ends when every `Writer` handle is dropped.
+    pub fn start(db: Database) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(flusher(db, rx));
+        Writer { tx }
+    }
+
+    /// Queues `updateOne(filter, update, {upsert})` on `collection` and waits for the server's answer.
+    pub async fn update_one(
+        &self,
+        collection: &str,
+        filter: Document,
+        update: Document,
+        upsert: bool,
+    ) -> Result<StatementResult, WriteError> {
+        let statement = doc! { "q": filter, "u": update, "upsert": upsert, "multi": false };
+        let bytes = RawDocumentBuf::from_document(&statement)
+            .map(|r| r.as_bytes().len())
+            .unwrap_or(0);
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op {
+                collection: collection.to_string(),
+                statement,
+                bytes,
+                reply,
+            })
+            .map_err(|_| WriteError::Closed)?;
+        rx.await.unwrap_or(Err(WriteError::Closed))
+    }
+}
+
+async fn flusher(db: Database, mut rx: mpsc::UnboundedReceiver<Op>) {
+    let mut pending: Vec<Op> = Vec::new();
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(op) => pending.push(op),
+                None => return,
+            }
+            // Let the tasks that are issuing statements right now finish queueing them.
+            tokio::task::yield_now().await;
+        }
+        while let Ok(op) = rx.try_recv() {
+            pending.push(op);
+        }
+        // Split into commands: per collection, bounded in statements and bytes.
+        let mut by_coll: HashMap<String, Vec<Vec<Op>>> = HashMap::new();
+        for op in pending.drain(..) {
+            let cmds = by_coll.entry(op.collection.clone()).or_default();
+            let fits = cmds.last().is_some_and(|c| {
+                c.len() < MAX_STATEMENTS
+                    && c.iter().map(|o| o.bytes).sum::<usize>() + op.bytes <= MAX_COMMAND_BYTES
+            });
+            if fits {
+                if let Some(last) = cmds.last_mut() {
+                    last.push(op);
+                }
+            } else {
+                cmds.push(vec![op]);
+            }
+        }
+        let commands = by_coll
+            .into_iter()
+            .flat_map(|(coll, cmds)| cmds.into_iter().map(move |ops| (coll.clone(), ops)));
+        futures::future::join_all(commands.map(|(coll, ops)| send(&db, coll, ops))).await;
+    }
+}
+
+async fn send(db: &Database, collection: String, ops: Vec<Op>) {
+    let started = Instant::now();
+    let n = ops.len();
+    let (statements, replies): (Vec<Document>, Vec<_>) =
+        ops.into_iter().map(|o| (o.statement, o.reply)).unzip();
+    let result = db
+        .run_command(doc! { "update": &collection, "updates": statements, "ordered": false })
+        .await;
+    metrics::histogram!("event_processor_mongodb_write_duration_seconds", "collection" => collection.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!("event_processor_mongodb_write_statements").record(n as f64);
+    let reply = match result {
+        Ok(r) => r,
+        Err(e) => {
+            for r in replies {
+                let _ = r.send(Err(WriteError::Command(e.clone())));
+            }
+            return;
+        }
+    };
+    let mut errors: HashMap<usize, WriteError> = HashMap::new();
+    if let Ok(list) = reply.get_array("writeErrors") {
+        for we in list.iter().filter_map(Bson::as_document) {
+            let index = int(we.get("index")).unwrap_or(-1);
+            let code = int(we.get("code")).unwrap_or(0) as i32;
+            let message = we.get_str("errmsg").unwrap_or_default().to_string();
+            if index >= 0 {
+                errors.insert(index as usize, WriteError::Statement { code, message });
+            }
+        }
+    }
+    let concern = reply
+        .get_document("writeConcernError")
+        .ok()
+        .map(|w| WriteError::Statement {
+            code: int(w.get("code")).unwrap_or(64) as i32,
+            message: w.get_str("errmsg").unwrap_or_default().to_string(),
+        });
+    let mut upserted = vec![false; n];
+    if let Ok(list) = reply.get_array("upserted") {
+        for u in list.iter().filter_map(Bson::as_document) {
+            if let Some(i) = int(u.get("index")).filter(|i| *i >= 0 && (*i as usize) < n) {
+                upserted[i as usize] = true;
+            }
+        }
+    }
+    for (i, r) in replies.into_iter().enumerate() {
+        let result = match (errors.remove(&i), &concern) {
+            (Some(e), _) => Err(e),
+            (None, Some(c)) => Err(c.clone()),
+            (None, None) => Ok(StatementResult {
+                upserted: upserted[i],
+            }),
+        };
+        let _ = r.send(result);
+    }
+}
+
+fn int(b: Option<&Bson>) -> Option<i64> {
+    match b? {
+        Bson::Int32(i) => Some(i64::from(*i)),
+        Bson::Int64(i) => Some(*i),
+        Bson::Double(d) => Some(*d as i64),
+        _ => None,
+    }
+}
