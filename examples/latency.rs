@@ -147,15 +147,16 @@ async fn main() -> anyhow::Result<()> {
         let (c, conn) =
             tokio_postgres::connect(&var("POSTGRES_URL"), tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
-        Some(c)
+        Some(Arc::new(c))
     } else {
         None
     };
+    // Each send is its own task, so it starts at its scheduled moment rather than when someone polls it.
     let send = |event_id: String, user: String| {
-        let producer = &producer;
-        let pg = &pg;
-        let topic = &topic;
-        async move {
+        let producer = producer.clone();
+        let pg = pg.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
             if let Some(pg) = pg {
                 let payload =
                     serde_json::json!({"email": format!("{user}@example.com")}).to_string();
@@ -172,21 +173,21 @@ async fn main() -> anyhow::Result<()> {
                 let value = change_event(&event_id, &user);
                 producer
                     .send(
-                        FutureRecord::to(topic).key(&key).payload(&value),
+                        FutureRecord::to(&topic).key(&key).payload(&value),
                         Duration::from_secs(10),
                     )
                     .await
                     .map(|_| ())
                     .map_err(|(e, _)| anyhow::Error::from(e))
             }
-        }
+        })
     };
 
     // Warm up: the group has joined and the partitions are assigned once one event comes through.
     let deadline = Instant::now() + Duration::from_secs(120);
     'warm: loop {
         let id = uuid::Uuid::new_v4().to_string();
-        send(id.clone(), uuid::Uuid::new_v4().to_string()).await?;
+        send(id.clone(), uuid::Uuid::new_v4().to_string()).await??;
         for _ in 0..50 {
             if seen.lock().unwrap().contains_key(&id) {
                 break 'warm;
@@ -211,13 +212,15 @@ async fn main() -> anyhow::Result<()> {
         // Keep the sends flowing without waiting for each one (PostgreSQL: the client pipelines them).
         while inflight.len() > 64 {
             use futures::StreamExt;
-            inflight.next().await.transpose()?;
+            if let Some(r) = inflight.next().await {
+                r??;
+            }
         }
     }
     {
         use futures::StreamExt;
         while let Some(r) = inflight.next().await {
-            r?;
+            r??;
         }
     }
     let deadline = Instant::now() + Duration::from_secs(120);

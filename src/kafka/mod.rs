@@ -121,7 +121,6 @@ pub fn create_consumer(config: &Config, context: ProcessorContext) -> KafkaResul
             "max.poll.interval.ms",
             config.kafka_max_poll_interval_ms.to_string(),
         )
-        .set("isolation.level", "read_committed")
         .set("topic.metadata.refresh.interval.ms", "10000");
     if !config
         .kafka_properties
