@@ -23,7 +23,7 @@
 //! - [`registry`]: the [`registry::EventHandler`] trait and registration; [`handlers`]: the shipped read models.
 //! - [`store`]: MongoDB client, error classes, the guarded upsert; [`writer`]: coalesces handlers' writes into
 //!   bulk commands; [`dlq`]: the dead-letter topic.
-//! - [`health`], [`http`], [`telemetry`]: what operators see.
+//! - [`health`], [`http`], [`telemetry`]: what operators see; [`replay`]: re-running dead letters.
 
 pub mod app;
 pub mod config;
@@ -36,6 +36,7 @@ pub mod http;
 pub mod kafka;
 pub mod pipeline;
 pub mod registry;
+pub mod replay;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

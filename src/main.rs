@@ -1,7 +1,7 @@
 //! The daemon's entry point: read config, install telemetry and the shutdown signal, run.
 //!
 //! `event-processor` runs the daemon; `event-processor healthcheck` probes a running one (used by the image's
-//! HEALTHCHECK).
+//! HEALTHCHECK); `event-processor replay-dlq [HANDLER]` re-runs the dead letters present now (of one handler).
 
 use std::process::ExitCode;
 
@@ -14,8 +14,11 @@ async fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         None | Some("run") => run().await,
         Some("healthcheck") => healthcheck().await,
+        Some("replay-dlq") => replay(args.get(1).cloned()).await,
         Some(other) => {
-            eprintln!("unknown command `{other}`; usage: event-processor [run|healthcheck]");
+            eprintln!(
+                "unknown command `{other}`; usage: event-processor [run|healthcheck|replay-dlq [HANDLER]]"
+            );
             ExitCode::from(2)
         }
     }
@@ -39,6 +42,40 @@ async fn run() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "event-processor failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn replay(handler: Option<String>) -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("event-processor: {e}");
+            return ExitCode::from(78);
+        }
+    };
+    if let Err(e) = telemetry::init(&config.log_level, config.log_format()) {
+        eprintln!("event-processor: cannot install logging: {e}");
+        return ExitCode::FAILURE;
+    }
+    let token = CancellationToken::new();
+    shutdown::cancel_on_signal(token.clone());
+    let mut registry = event_processor::Registry::new();
+    if let Err(e) = event_processor::handlers::register_all(&mut registry) {
+        eprintln!("event-processor: {e}");
+        return ExitCode::FAILURE;
+    }
+    match event_processor::replay::replay_dead_letters(config, registry, handler, token).await {
+        Ok(stats) => {
+            println!(
+                "replayed {}, failed again {}, other handlers {}",
+                stats.replayed, stats.failed_again, stats.other_handlers
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "replay failed");
             ExitCode::FAILURE
         }
     }

@@ -228,6 +228,23 @@ impl Processor {
         }
     }
 
+    /// Re-runs a dead letter's original record: only `handler` when the letter names one that is registered
+    /// (its siblings already succeeded), else the whole record. A failure is dead-lettered again.
+    pub async fn replay(&self, original: &OwnedMessage, handler: Option<&str>) -> RecordOutcome {
+        let Some(h) = handler.and_then(|name| self.registry.by_name(name)) else {
+            return self.process_record(original).await;
+        };
+        match decode(original) {
+            Ok(Decoded::Event(event)) => match self.run_handler(h.as_ref(), original, &event).await
+            {
+                HandlerOutcome::Ok => RecordOutcome::Processed { dead_lettered: 0 },
+                HandlerOutcome::DeadLettered => RecordOutcome::Processed { dead_lettered: 1 },
+                HandlerOutcome::Abandoned => RecordOutcome::Abandoned,
+            },
+            _ => self.process_record(original).await,
+        }
+    }
+
     /// Runs one handler with retries: transient failures retry with capped exponential backoff until they
     /// succeed or shutdown; permanent failures and panics retry up to `max_attempts`, then dead-letter.
     async fn run_handler(

@@ -458,3 +458,87 @@ async fn shutdown_under_load_commits_what_was_finished_and_restart_redoes_nothin
         "no sign-up counted twice"
     );
 }
+
+/// Succeeds and counts its calls; registered under a chosen name.
+struct Counting(&'static str, Arc<AtomicU32>);
+
+#[async_trait]
+impl EventHandler for Counting {
+    fn event_type(&self) -> &str {
+        "UserCreated"
+    }
+    fn name(&self) -> &str {
+        self.0
+    }
+    async fn handle(&self, _: &OutboxEvent, _: &HandlerContext) -> Result<(), HandlerError> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_dead_letters_reruns_only_the_failed_handler() {
+    let env = TestEnv::new("replay", 1).await;
+    let user = new_id();
+    env.produce(&[change_event(
+        "c",
+        &new_id(),
+        &user,
+        "UserCreated",
+        &json!({"email": "replay@example.com"}),
+    )])
+    .await;
+    let sibling = Arc::new(AtomicU32::new(0));
+    let mut registry = Registry::new();
+    registry.register(Arc::new(AlwaysFails)).unwrap();
+    registry
+        .register(Arc::new(Counting("Sibling", sibling.clone())))
+        .unwrap();
+    let daemon = env.start_with(registry, &[("HANDLER_MAX_ATTEMPTS", "1")]);
+    wait_committed(&env, 1, 1, WAIT).await;
+    daemon.stop().await;
+    assert_eq!(env.dead_letters(1).len(), 1);
+    assert_eq!(sibling.load(Ordering::SeqCst), 1);
+
+    // The cause is fixed: the handler of that name now succeeds.
+    let fixed = Arc::new(AtomicU32::new(0));
+    let replay_registry = || {
+        let mut r = Registry::new();
+        r.register(Arc::new(Counting("AlwaysFails", fixed.clone())))
+            .unwrap();
+        r.register(Arc::new(Counting("Sibling", sibling.clone())))
+            .unwrap();
+        r
+    };
+    let stats = event_processor::replay::replay_dead_letters(
+        env.config(&[]),
+        replay_registry(),
+        Some("AlwaysFails".into()),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stats.replayed, 1);
+    assert_eq!(
+        fixed.load(Ordering::SeqCst),
+        1,
+        "the failed handler ran again"
+    );
+    assert_eq!(
+        sibling.load(Ordering::SeqCst),
+        1,
+        "its sibling did not run twice"
+    );
+
+    // Progress is committed: a second replay finds nothing left.
+    let again = event_processor::replay::replay_dead_letters(
+        env.config(&[]),
+        replay_registry(),
+        Some("AlwaysFails".into()),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.replayed, 0);
+    assert_eq!(fixed.load(Ordering::SeqCst), 1);
+}

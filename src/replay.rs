@@ -1,0 +1,198 @@
+//! `event-processor replay-dlq [HANDLER]`: re-runs dead letters once their cause is fixed. Reads the dead-letter
+//! topic up to where it ended when the command started (new dead letters wait for the next run), rebuilds each
+//! original record from the headers, and runs only the handler the letter names (or the whole record when it
+//! could not be decoded). Progress is committed under its own group, one per handler filter, so a replay can be
+//! stopped and resumed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::ClientConfig;
+use rdkafka::Timestamp;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::dlq::{KafkaDeadLetters, headers};
+use crate::pipeline::{ProcessingSettings, Processor, RecordOutcome};
+use crate::registry::{HandlerContext, Registry};
+use crate::store;
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayStats {
+    /// Letters whose record ran again and succeeded.
+    pub replayed: usize,
+    /// Letters that failed again (and were dead-lettered again).
+    pub failed_again: usize,
+    /// Letters of other handlers, left for their own replay.
+    pub other_handlers: usize,
+}
+
+/// The original record a dead letter carries.
+pub fn original_record(letter: &OwnedMessage) -> Option<OwnedMessage> {
+    let h = |name: &str| {
+        letter
+            .headers()?
+            .iter()
+            .find(|x| x.key == name)
+            .and_then(|x| x.value)
+            .and_then(|v| std::str::from_utf8(v).ok().map(str::to_string))
+    };
+    let topic = h(headers::TOPIC)?;
+    let partition = h(headers::PARTITION)?.parse().ok()?;
+    let offset = h(headers::OFFSET)?.parse().ok()?;
+    let timestamp = h(headers::TIMESTAMP)
+        .and_then(|t| t.parse().ok())
+        .map_or(Timestamp::NotAvailable, Timestamp::CreateTime);
+    let mut original_headers = OwnedHeaders::new();
+    if let Some(hs) = letter.headers() {
+        for x in hs.iter().filter(|x| !x.key.starts_with("dlq.")) {
+            original_headers = original_headers.insert(Header {
+                key: x.key,
+                value: x.value,
+            });
+        }
+    }
+    Some(OwnedMessage::new(
+        letter.payload().map(<[u8]>::to_vec),
+        letter.key().map(<[u8]>::to_vec),
+        topic,
+        timestamp,
+        partition,
+        offset,
+        Some(original_headers),
+    ))
+}
+
+/// Replays the dead letters present now; `handler` limits it to the letters of one handler.
+pub async fn replay_dead_letters(
+    config: Config,
+    registry: Registry,
+    handler: Option<String>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ReplayStats> {
+    let client = store::connect(config.mongodb_uri.expose(), "event-processor-replay").await?;
+    let db = client.database(&config.mongodb_database);
+    let processor = Processor {
+        registry: Arc::new(registry),
+        ctx: HandlerContext::new(db),
+        dead_letters: Arc::new(KafkaDeadLetters::new(&config)?),
+        settings: ProcessingSettings::from_config(&config),
+        cancel: shutdown.clone(),
+    };
+    let group = format!(
+        "{}.dlq-replay.{}",
+        config.kafka_group_id,
+        handler.as_deref().unwrap_or("all")
+    );
+    let mut cc = ClientConfig::new();
+    for (k, v) in &config.kafka_properties {
+        cc.set(k, v);
+    }
+    let consumer: BaseConsumer = cc
+        .set("bootstrap.servers", &config.kafka_bootstrap_servers)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .context("creating the replay consumer")?;
+    let topic = config.dlq_topic.clone();
+    // (partition, next offset to replay, end of the topic when the replay started)
+    let (consumer, mut ends) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let md = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .context("reading the dead-letter topic's metadata")?;
+        let mut ends: Vec<(i32, i64, i64)> = Vec::new();
+        let mut tpl = TopicPartitionList::new();
+        for p in md.topics().iter().flat_map(|t| t.partitions()) {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, p.id(), Duration::from_secs(10))
+                .context("reading the dead-letter topic's end")?;
+            ends.push((p.id(), low, high));
+            tpl.add_partition(&topic, p.id());
+        }
+        {
+            let committed = consumer
+                .committed_offsets(tpl.clone(), Duration::from_secs(10))
+                .context("reading the replay group's progress")?;
+            for (p, next, _) in &mut ends {
+                if let Some(Offset::Offset(o)) =
+                    committed.find_partition(&topic, *p).map(|e| e.offset())
+                {
+                    *next = (*next).max(o);
+                }
+            }
+        }
+        consumer
+            .assign(&tpl)
+            .context("assigning the dead-letter topic")?;
+        Ok((consumer, ends))
+    })
+    .await??;
+    let mut stats = ReplayStats::default();
+    let consumer = Arc::new(consumer);
+    loop {
+        if shutdown.is_cancelled() || ends.iter().all(|(_, next, high)| next >= high) {
+            break;
+        }
+        let c = consumer.clone();
+        let msg = tokio::task::spawn_blocking(move || {
+            c.poll(Duration::from_millis(500))
+                .map(|r| r.map(|m| m.detach()))
+        })
+        .await?;
+        let letter = match msg {
+            None => continue,
+            Some(Err(e)) => {
+                warn!(error = %e, "Reading the dead-letter topic failed");
+                continue;
+            }
+            Some(Ok(m)) => m,
+        };
+        let (p, o) = (letter.partition(), letter.offset());
+        let Some(entry) = ends.iter_mut().find(|(ep, _, _)| *ep == p) else {
+            continue;
+        };
+        if o >= entry.2 {
+            continue; // written after the replay started
+        }
+        entry.1 = o + 1;
+        let named = letter
+            .headers()
+            .and_then(|h| {
+                h.iter()
+                    .find(|x| x.key == headers::HANDLER)
+                    .and_then(|x| x.value)
+            })
+            .and_then(|v| std::str::from_utf8(v).ok().map(str::to_string));
+        if handler.is_some() && named != handler {
+            stats.other_handlers += 1;
+        } else if let Some(original) = original_record(&letter) {
+            match processor.replay(&original, named.as_deref()).await {
+                RecordOutcome::Abandoned => break,
+                RecordOutcome::Processed { dead_lettered: 0 } | RecordOutcome::Skipped => {
+                    stats.replayed += 1
+                }
+                _ => stats.failed_again += 1,
+            }
+        } else {
+            warn!(
+                partition = p,
+                offset = o,
+                "Not a dead letter of this daemon (no original coordinates); left alone"
+            );
+            stats.other_handlers += 1;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&config.dlq_topic, p, Offset::Offset(o + 1))?;
+        let c = consumer.clone();
+        tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync)).await??;
+    }
+    info!(?stats, group, "Dead-letter replay finished");
+    Ok(stats)
+}
