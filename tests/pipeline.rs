@@ -175,6 +175,17 @@ async fn redelivered_records_change_nothing() {
 
     let after = env.snapshot().await;
     assert_eq!(before, after, "redelivery changed documents");
+
+    // Replaying the whole topic from offset 0 (a new group) leaves every collection exactly as it was.
+    let replay = env.clone_with_new_group();
+    let daemon = replay.start(&[]);
+    wait_committed(&replay, 2, 3 * records.len() as i64, WAIT).await;
+    daemon.stop().await;
+    assert_eq!(
+        before,
+        env.snapshot().await,
+        "replay from offset 0 changed documents"
+    );
     let a = env
         .find_one("activities", doc! { "_id": &activity })
         .await

@@ -157,6 +157,19 @@ impl TestEnv {
         }
     }
 
+    /// The same topic, dead-letter topic and database under a fresh consumer group (it starts at offset 0).
+    pub fn clone_with_new_group(&self) -> TestEnv {
+        TestEnv {
+            kafka: self.kafka.clone(),
+            mongo_uri: self.mongo_uri.clone(),
+            topic: self.topic.clone(),
+            group: unique("g"),
+            dlq: self.dlq.clone(),
+            db_name: self.db_name.clone(),
+            db: self.db.clone(),
+        }
+    }
+
     /// The daemon's configuration for this test, with overrides.
     pub fn config(&self, overrides: &[(&str, &str)]) -> Config {
         let mut vars: Vec<(String, String)> = vec![
