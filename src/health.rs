@@ -46,10 +46,6 @@ impl Health {
         self.last_beat_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    pub fn set_assigned(&self, n: usize) {
-        self.assigned_partitions.store(n, Ordering::Relaxed);
-    }
-
     pub fn add_assigned(&self, n: usize) {
         self.assigned_partitions.fetch_add(n, Ordering::Relaxed);
     }

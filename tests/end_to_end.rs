@@ -300,19 +300,12 @@ async fn activity_with_two_participants_counts_two() {
         &json!({"user_id": u2}),
     )
     .await;
-    wait_until("two participants", WAIT, || async {
-        env.find_one(
-            "activities",
-            doc! { "_id": &activity, "participant_count": 2 },
-        )
-        .await
-        .is_some()
-    })
+    let a = wait_for_doc(
+        &env,
+        "activities",
+        doc! { "_id": &activity, "participant_count": 2 },
+    )
     .await;
-    let a = env
-        .find_one("activities", doc! { "_id": &activity })
-        .await
-        .unwrap();
     assert_eq!(a.get_str("title").unwrap(), "Ride");
     let users: Vec<&str> = a
         .get_array("participants")
@@ -456,19 +449,12 @@ async fn outbox_event_router_variant_gives_the_same_result() {
     .await;
     let u = wait_for_doc(&env, "users", doc! { "email": "router@example.com" }).await;
     assert_eq!(u.get_str("_id").unwrap(), user);
-    wait_until("participant", WAIT, || async {
-        env.find_one(
-            "activities",
-            doc! { "_id": &activity, "participant_count": 1 },
-        )
-        .await
-        .is_some()
-    })
+    let a = wait_for_doc(
+        &env,
+        "activities",
+        doc! { "_id": &activity, "participant_count": 1 },
+    )
     .await;
-    let a = env
-        .find_one("activities", doc! { "_id": &activity })
-        .await
-        .unwrap();
     assert_eq!(a.get_str("title").unwrap(), "Swim");
     // Every connector sees every outbox row, so other tests' sign-ups land here too: ours must be counted once,
     // and the total must agree with the per-bucket counts it is derived from.

@@ -298,17 +298,7 @@ async fn failing_handler_does_not_stop_its_sibling_and_is_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_offset_read_back_from_the_broker_is_last_plus_one() {
     let env = TestEnv::new("offsets", 1).await;
-    let records: Vec<Rec> = (0..25)
-        .map(|i| {
-            change_event(
-                "c",
-                &new_id(),
-                &new_id(),
-                "UserCreated",
-                &json!({"email": format!("o{i}@example.com")}),
-            )
-        })
-        .collect();
+    let records = new_users(25, "o");
     env.produce(&records).await;
     assert_eq!(env.committed(1), [None]);
     let daemon = env.start(&[
@@ -425,17 +415,7 @@ async fn poison_records_are_dead_lettered_and_the_partition_keeps_moving() {
 async fn shutdown_under_load_commits_what_was_finished_and_restart_redoes_nothing_twice() {
     let env = TestEnv::new("shutdown", 3).await;
     let n = 600;
-    let records: Vec<Rec> = (0..n)
-        .map(|i| {
-            change_event(
-                "c",
-                &new_id(),
-                &new_id(),
-                "UserCreated",
-                &json!({"email": format!("s{i}@example.com")}),
-            )
-        })
-        .collect();
+    let records = new_users(n, "s");
     env.produce(&records).await;
     let daemon = env.start(&[
         ("PROCESSING_BATCH_SIZE", "20"),

@@ -331,6 +331,22 @@ pub fn change_event(
     )
 }
 
+/// `n` UserCreated change events for `n` new users (`<tag><i>@example.com`).
+pub fn new_users(n: usize, tag: &str) -> Vec<Rec> {
+    (0..n)
+        .map(|i| {
+            let email = format!("{tag}{i}@example.com");
+            change_event(
+                "c",
+                &new_id(),
+                &new_id(),
+                "UserCreated",
+                &serde_json::json!({ "email": email }),
+            )
+        })
+        .collect()
+}
+
 pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
