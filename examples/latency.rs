@@ -93,7 +93,14 @@ async fn main() -> anyhow::Result<()> {
     } else {
         format!("latency_{suffix}")
     };
-    let config = Config::from_vars(vec![
+    // Tuning variables set in the environment (PROCESSING_*, KAFKA_MAX_POLL_RECORDS, ...) apply too.
+    let tuning = std::env::vars().filter(|(k, _)| {
+        k.starts_with("PROCESSING_")
+            || k.starts_with("KAFKA_MAX_POLL")
+            || k.starts_with("KAFKA_POLL")
+    });
+    let http_port = std::env::var("HTTP_PORT").unwrap_or_else(|_| "0".into());
+    let config = Config::from_vars(tuning.chain([
         ("KAFKA_BOOTSTRAP_SERVERS".into(), kafka.clone()),
         ("MONGODB_URI".into(), var("MONGODB_URI")),
         ("MONGODB_DATABASE".into(), format!("latency_{suffix}")),
@@ -101,12 +108,12 @@ async fn main() -> anyhow::Result<()> {
         ("KAFKA_GROUP_ID".into(), format!("latency_{suffix}")),
         ("KAFKA_AUTO_OFFSET_RESET".into(), "latest".into()),
         ("DLQ_TOPIC".into(), format!("latency_{suffix}.dlq")),
-        ("HTTP_PORT".into(), "0".into()),
+        ("HTTP_PORT".into(), http_port),
         (
             "LOG_LEVEL".into(),
             std::env::var("LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
         ),
-    ])?;
+    ]))?;
     if mode != "pg" {
         event_processor_admin::create_topic(&kafka, &topic, 6).await?;
     }

@@ -12,17 +12,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
+use crate::dispatch::Dispatcher;
 use crate::dlq::KafkaDeadLetters;
 use crate::handlers;
 use crate::health::Health;
 use crate::kafka::{self, Kafka, OffsetTracker, ProcessorContext, Tp};
-use crate::pipeline::{BatchStats, ProcessingSettings, Processor};
+use crate::pipeline::{ProcessingSettings, Processor};
 use crate::registry::{HandlerContext, Registry};
 use crate::store;
 
-/// A batch that runs longer than this pauses its partitions and keeps polling, so that retries during an outage
-/// do not exceed `max.poll.interval.ms` and drop the consumer out of the group.
-const KEEPALIVE_AFTER: Duration = Duration::from_secs(5);
+/// Finished records are committed at most this often (and on revoke and shutdown).
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Runs the daemon until `shutdown` is cancelled, with the shipped handlers.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -85,6 +85,7 @@ pub async fn run_with_registry(
                 tracker: tracker.clone(),
                 health: health.clone(),
                 revoked: revoked.clone(),
+                drain_timeout: config.rebalance_drain_timeout(),
             },
         )
         .context("creating the Kafka consumer (KAFKA_BOOTSTRAP_SERVERS, KAFKA_TOPICS)")?,
@@ -92,24 +93,26 @@ pub async fn run_with_registry(
     info!(topics = ?config.topics(), group = %config.kafka_group_id, "Subscribed");
 
     let work_cancel = CancellationToken::new();
-    let processor = Processor {
+    let processor = Arc::new(Processor {
         registry: Arc::new(registry),
         ctx: HandlerContext::new(db),
         dead_letters: dead_letters.clone(),
         settings: ProcessingSettings::from_config(&config),
         cancel: work_cancel.clone(),
-    };
+    });
+    let dispatcher = Dispatcher::new(processor, tracker.clone());
     let mut lp = Loop {
         config: &config,
         consumer: consumer.clone(),
         tracker,
         revoked,
         health: health.clone(),
-        processor,
+        dispatcher: dispatcher.clone(),
         shutdown: shutdown.clone(),
         work_cancel,
         carry: Vec::new(),
-        totals: Totals::default(),
+        paused: None,
+        last_commit: Instant::now(),
         last_stats: Instant::now(),
     };
     let result = lp.run().await;
@@ -117,10 +120,11 @@ pub async fn run_with_registry(
     // Leave cleanly: commit what is finished, flush dead letters, leave the group.
     lp.commit_finished().await;
     dead_letters.flush(Duration::from_secs(5));
+    let totals = dispatcher.totals();
     info!(
-        total_processed = lp.totals.processed,
-        total_errors = lp.totals.errors,
-        total_skipped = lp.totals.skipped,
+        total_processed = totals.processed,
+        total_errors = totals.errors,
+        total_skipped = totals.skipped,
         "event-processor stopped"
     );
     drop(lp);
@@ -157,61 +161,72 @@ fn spawn_mongo_pinger(
     })
 }
 
-#[derive(Debug, Default)]
-struct Totals {
-    processed: u64,
-    skipped: u64,
-    errors: u64,
-}
-
 struct Loop<'a> {
     config: &'a Config,
     consumer: Arc<Kafka>,
     tracker: Arc<Mutex<OffsetTracker>>,
     revoked: Arc<Mutex<Vec<Tp>>>,
     health: Arc<Health>,
-    processor: Processor,
+    dispatcher: Dispatcher,
     shutdown: CancellationToken,
     work_cancel: CancellationToken,
-    /// Records received while a batch was in progress, processed next.
+    /// Records received while the partitions were paused, processed next.
     carry: Vec<OwnedMessage>,
-    totals: Totals,
+    /// The partitions paused for backpressure, if any.
+    paused: Option<TopicPartitionList>,
+    last_commit: Instant,
     last_stats: Instant,
 }
 
 impl Loop<'_> {
+    /// Polls and submits until shutdown, then drains.
     async fn run(&mut self) -> anyhow::Result<()> {
         while let Some(batch) = self.poll().await {
-            for chunk in batch.chunks(self.config.processing_batch_size) {
-                self.process(chunk).await;
-                self.commit_finished().await;
-                if self.shutdown.is_cancelled() {
-                    return Ok(());
-                }
+            let mut batch = batch;
+            while !batch.is_empty() {
+                let rest = batch.split_off(batch.len().min(self.config.processing_batch_size));
+                self.dispatcher.submit(std::mem::replace(&mut batch, rest));
             }
+            self.commit_if_due().await;
             self.periodic_stats();
         }
+        self.drain().await;
         Ok(())
     }
 
     /// Takes up to `KAFKA_MAX_POLL_RECORDS`: waits for the first, then whatever arrives within the linger.
-    /// `None` on shutdown.
+    /// Meanwhile commits what finishes, and pauses the partitions while `PROCESSING_MAX_IN_FLIGHT` records are
+    /// in flight (still polling, so the group keeps us). `None` on shutdown.
     async fn poll(&mut self) -> Option<Vec<OwnedMessage>> {
         let max = self.config.kafka_max_poll_records;
         let mut batch: Vec<OwnedMessage> = Vec::with_capacity(max);
         self.drop_revoked();
-        let take = max.min(self.carry.len());
-        batch.extend(self.carry.drain(..take));
-        while batch.is_empty() {
+        loop {
+            let full = self.dispatcher.in_flight() >= self.config.processing_max_in_flight;
+            self.flow_control(full);
+            if !full {
+                let take = max.min(self.carry.len());
+                batch.extend(self.carry.drain(..take));
+            }
+            if !batch.is_empty() {
+                break;
+            }
             self.health.beat();
             tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
                 r = self.consumer.recv() => match r {
+                    // Paused partitions may still hand out what was fetched before the pause: keep it for later.
+                    Ok(m) if full => self.carry.push(m.detach()),
                     Ok(m) => batch.push(m.detach()),
                     Err(e) => self.recv_error(e).await,
                 },
-                _ = tokio::time::sleep(Duration::from_secs(1)) => self.periodic_stats(),
+                _ = self.dispatcher.progressed() => self.commit_if_due().await,
+                _ = tokio::time::sleep(COMMIT_INTERVAL) => {
+                    self.commit_finished().await;
+                    self.periodic_stats();
+                }
             }
+            self.drop_revoked();
         }
         let linger = Duration::from_millis(self.config.kafka_poll_linger_ms);
         let deadline = tokio::time::Instant::now() + linger;
@@ -228,66 +243,25 @@ impl Loop<'_> {
         Some(batch)
     }
 
-    async fn recv_error(&self, e: rdkafka::error::KafkaError) {
-        metrics::counter!("event_processor_consumer_errors_total").increment(1);
-        warn!(error = %e, "Kafka consumer error");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    /// Processes one chunk, polling in the background when it runs long (see [`KEEPALIVE_AFTER`]), and giving
-    /// in-flight work `SHUTDOWN_TIMEOUT_MS` after a shutdown signal.
-    async fn process(&mut self, chunk: &[OwnedMessage]) {
-        let started = Instant::now();
-        metrics::histogram!("event_processor_batch_size").record(chunk.len() as f64);
-        metrics::gauge!("event_processor_in_flight_records").set(chunk.len() as f64);
-        let tracker = self.tracker.clone();
-        let processor = &self.processor;
-        let fut = processor.process_batch(chunk, &tracker);
-        tokio::pin!(fut);
-        let mut paused: Option<TopicPartitionList> = None;
-        let mut drain_deadline: Option<tokio::time::Instant> = None;
-        let consumer = self.consumer.clone();
-        let stats: Option<BatchStats> = loop {
-            let drain_sleep = async {
-                match drain_deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                s = &mut fut => break Some(s),
-                _ = self.shutdown.cancelled(), if drain_deadline.is_none() => {
-                    info!(timeout_ms = self.config.shutdown_timeout_ms, "Draining in-flight records before shutdown");
-                    drain_deadline = Some(tokio::time::Instant::now() + self.config.shutdown_timeout());
-                    // Retries stop now; handler calls already running get until the deadline.
-                    self.work_cancel.cancel();
-                }
-                _ = drain_sleep => {
-                    warn!("Shutdown deadline reached; abandoning unfinished records (they stay uncommitted)");
-                    break None;
-                }
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                    self.health.beat();
-                    if started.elapsed() >= KEEPALIVE_AFTER && drain_deadline.is_none() {
-                        if paused.is_none() && let Ok(a) = consumer.assignment() {
-                            {
-                                match consumer.pause(&a) {
-                                    Ok(()) => warn!(elapsed_ms = started.elapsed().as_millis() as u64, "Batch still retrying; partitions paused, staying in the group"),
-                                    Err(e) => warn!(error = %e, "Pausing partitions failed"),
-                                }
-                                paused = Some(a);
-                            }
-                        }
-                        // A poll keeps the membership alive; anything it returns is processed next.
-                        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(10), consumer.recv()).await {
-                            self.carry.push(m.detach());
-                        }
+    /// Pauses every assigned partition while `full`, resumes those still assigned when not.
+    fn flow_control(&mut self, full: bool) {
+        if full && self.paused.is_none() {
+            if let Ok(a) = self.consumer.assignment() {
+                match self.consumer.pause(&a) {
+                    Ok(()) => {
+                        debug!(
+                            in_flight = self.dispatcher.in_flight(),
+                            "In-flight limit reached; partitions paused"
+                        );
+                        metrics::counter!("event_processor_backpressure_pauses_total").increment(1);
                     }
+                    Err(e) => warn!(error = %e, "Pausing partitions failed"),
                 }
+                self.paused = Some(a);
             }
-        };
-        if let Some(p) = paused {
-            let assigned = consumer
+        } else if !full && let Some(p) = self.paused.take() {
+            let assigned = self
+                .consumer
                 .assignment()
                 .map(|a| kafka::tpl_to_vec(&a))
                 .unwrap_or_default();
@@ -297,41 +271,54 @@ impl Loop<'_> {
                     still.add_partition(e.topic(), e.partition());
                 }
             }
-            if let Err(e) = consumer.resume(&still) {
+            if let Err(e) = self.consumer.resume(&still) {
                 warn!(error = %e, "Resuming partitions failed");
             } else {
-                info!("Partitions resumed");
+                debug!("Partitions resumed");
             }
         }
-        metrics::gauge!("event_processor_in_flight_records").set(0.0);
-        let elapsed = started.elapsed();
-        let s = stats.unwrap_or(BatchStats {
-            records: chunk.len(),
-            abandoned: chunk.len(),
-            ..Default::default()
-        });
-        self.totals.processed += s.processed as u64;
-        self.totals.skipped += s.skipped as u64;
-        self.totals.errors += s.dead_lettered as u64;
-        if let Some(last) = chunk.iter().filter_map(|m| m.timestamp().to_millis()).max() {
-            let lag = (crate::health::now_ms() - last).max(0) as f64 / 1000.0;
-            metrics::gauge!("event_processor_last_batch_lag_seconds").set(lag);
+    }
+
+    async fn recv_error(&self, e: rdkafka::error::KafkaError) {
+        metrics::counter!("event_processor_consumer_errors_total").increment(1);
+        warn!(error = %e, "Kafka consumer error");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// Shutdown: stop fetching, stop retries, give the handler calls already running `SHUTDOWN_TIMEOUT_MS`, then
+    /// commit what is finished (the caller does).
+    async fn drain(&mut self) {
+        if self.dispatcher.in_flight() == 0 {
+            return;
         }
         info!(
-            batch_size = s.records,
-            processed = s.processed,
-            skipped = s.skipped,
-            dead_lettered = s.dead_lettered,
-            abandoned = s.abandoned,
-            total_processed = self.totals.processed,
-            total_errors = self.totals.errors,
-            processing_time_ms = elapsed.as_millis() as u64,
-            "Batch done"
+            in_flight = self.dispatcher.in_flight(),
+            timeout_ms = self.config.shutdown_timeout_ms,
+            "Draining in-flight records before shutdown"
         );
+        // Retries stop and records not yet started are abandoned; handler calls already running go on.
+        self.work_cancel.cancel();
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout();
+        while self.dispatcher.in_flight() > 0 {
+            tokio::select! {
+                _ = self.dispatcher.progressed() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!(in_flight = self.dispatcher.in_flight(), "Shutdown deadline reached; abandoning unfinished records (they stay uncommitted)");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn commit_if_due(&mut self) {
+        if self.last_commit.elapsed() >= COMMIT_INTERVAL {
+            self.commit_finished().await;
+        }
     }
 
     /// Commits, per partition, up to the first unfinished record.
     async fn commit_finished(&mut self) {
+        self.last_commit = Instant::now();
         let offsets = match self.tracker.lock() {
             Ok(mut t) => t.committable(),
             Err(_) => return,
@@ -372,10 +359,12 @@ impl Loop<'_> {
         if self.last_stats.elapsed() >= Duration::from_secs(self.config.stats_interval_secs.max(1))
         {
             self.last_stats = Instant::now();
+            let t = self.dispatcher.totals();
             info!(
-                total_processed = self.totals.processed,
-                total_errors = self.totals.errors,
-                total_skipped = self.totals.skipped,
+                total_processed = t.processed,
+                total_errors = t.errors,
+                total_skipped = t.skipped,
+                in_flight = self.dispatcher.in_flight(),
                 "Progress"
             );
         }

@@ -102,12 +102,16 @@ pub struct Config {
     /// Static group membership: a stable id per instance (e.g. the host name) avoids a rebalance on restart.
     #[serde(default)]
     pub kafka_group_instance_id: Option<String>,
-    /// Records processed (and committed) together.
+    /// Records handed to the keyed lanes together: one `Batch done` log line each.
     #[serde(default = "d::hundred")]
     pub processing_batch_size: usize,
-    /// Keys (aggregates) processed concurrently within a batch.
+    /// Records (of different keys) processed concurrently.
     #[serde(default = "d::concurrency")]
     pub processing_concurrency: usize,
+    /// Records polled and not yet finished, at most: above it the consumer pauses its partitions (and keeps
+    /// polling, so it stays in the group) until work finishes.
+    #[serde(default = "d::max_in_flight")]
+    pub processing_max_in_flight: usize,
     pub mongodb_uri: Secret,
     #[serde(default = "d::database")]
     pub mongodb_database: String,
@@ -125,6 +129,9 @@ pub struct Config {
     /// How long shutdown waits for in-flight work before it commits what is finished and leaves.
     #[serde(default = "d::shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// How long a rebalance waits for in-flight work of revoked partitions before it commits what is finished.
+    #[serde(default = "d::shutdown_timeout_ms")]
+    pub rebalance_drain_timeout_ms: u64,
     #[serde(default = "d::log_level")]
     pub log_level: String,
     /// `json` or `pretty`.
@@ -165,6 +172,9 @@ mod d {
     }
     pub fn concurrency() -> usize {
         64
+    }
+    pub fn max_in_flight() -> usize {
+        1000
     }
     pub fn database() -> String {
         "event_processor".into()
@@ -267,6 +277,9 @@ impl Config {
         if self.processing_concurrency == 0 {
             return bad("PROCESSING_CONCURRENCY", "must be at least 1");
         }
+        if self.processing_max_in_flight == 0 {
+            return bad("PROCESSING_MAX_IN_FLIGHT", "must be at least 1");
+        }
         if self.handler_max_attempts == 0 {
             return bad("HANDLER_MAX_ATTEMPTS", "must be at least 1");
         }
@@ -285,6 +298,12 @@ impl Config {
             return bad(
                 "SHUTDOWN_TIMEOUT_MS",
                 "must be below KAFKA_SESSION_TIMEOUT_MS so a drain finishes before the group gives up on us",
+            );
+        }
+        if self.rebalance_drain_timeout_ms >= self.kafka_max_poll_interval_ms {
+            return bad(
+                "REBALANCE_DRAIN_TIMEOUT_MS",
+                "must be below KAFKA_MAX_POLL_INTERVAL_MS so a rebalance completes before the group gives up on us",
             );
         }
         if !self.mongodb_uri.expose().starts_with("mongodb://")
@@ -340,6 +359,10 @@ impl Config {
 
     pub fn handler_timeout(&self) -> Duration {
         Duration::from_millis(self.handler_timeout_ms)
+    }
+
+    pub fn rebalance_drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.rebalance_drain_timeout_ms)
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

@@ -19,7 +19,8 @@
 //! - [`app`]: wiring and the consumer loop ([`app::run`]); [`shutdown`]: the signal.
 //! - [`kafka`]: consumer, rebalances, commits; [`kafka::offsets`]: what may be committed.
 //! - [`decode`]: every Debezium record shape into an [`event::OutboxEvent`].
-//! - [`pipeline`]: per-record processing: fan-out, retries, isolation, dead letters.
+//! - [`dispatch`]: keyed lanes (per-key order, bounded concurrency across keys); [`pipeline`]: per-record
+//!   processing: fan-out, retries, isolation, dead letters.
 //! - [`registry`]: the [`registry::EventHandler`] trait and registration; [`handlers`]: the shipped read models.
 //! - [`store`]: MongoDB client, error classes, the guarded upsert; [`writer`]: coalesces handlers' writes into
 //!   bulk commands; [`dlq`]: the dead-letter topic.
@@ -28,6 +29,7 @@
 pub mod app;
 pub mod config;
 pub mod decode;
+pub mod dispatch;
 pub mod dlq;
 pub mod event;
 pub mod handlers;

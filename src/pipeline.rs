@@ -1,17 +1,14 @@
-//! Processing of records: decode, fan out to handlers, retry, isolate, dead-letter. Owns the per-record
-//! contract of `DESIGN.md` section 4; never polls or commits (the consumer loop in `app` does, from the
-//! [`OffsetTracker`] this module marks).
+//! Processing of one record: decode, fan out to handlers, retry, isolate, dead-letter. Owns the per-record
+//! contract of `DESIGN.md` section 4; never polls, orders or commits (`dispatch` runs records in keyed lanes,
+//! the consumer loop in `app` commits).
 //!
-//! A batch is split into lanes by partition and key: records of one lane run in offset order, lanes run
-//! concurrently up to `PROCESSING_CONCURRENCY`. Within one event, every handler runs concurrently and fails
-//! alone.
+//! Within one event, every handler runs concurrently and fails alone.
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
@@ -19,7 +16,6 @@ use tracing::{Instrument, debug, error, info_span, warn};
 use crate::decode::{Decoded, decode};
 use crate::dlq::{DeadLetter, DeadLetterSink};
 use crate::event::OutboxEvent;
-use crate::kafka::OffsetTracker;
 use crate::registry::{EventHandler, HandlerContext, HandlerError, Registry};
 
 /// Retry and concurrency settings.
@@ -73,6 +69,21 @@ pub struct BatchStats {
     pub abandoned: usize,
 }
 
+impl BatchStats {
+    /// Counts one record's outcome.
+    pub fn add(&mut self, outcome: RecordOutcome) {
+        match outcome {
+            RecordOutcome::Processed { dead_lettered } => {
+                self.processed += 1;
+                self.dead_lettered += dead_lettered;
+            }
+            RecordOutcome::Skipped => self.skipped += 1,
+            RecordOutcome::DeadLettered => self.dead_lettered += 1,
+            RecordOutcome::Abandoned => self.abandoned += 1,
+        }
+    }
+}
+
 /// Everything a record needs to be processed. Cheap to share.
 pub struct Processor {
     pub registry: Arc<Registry>,
@@ -92,68 +103,6 @@ enum HandlerOutcome {
 }
 
 impl Processor {
-    /// Processes a batch: registers every record with the tracker, runs the lanes, marks each finished record.
-    pub async fn process_batch(
-        &self,
-        records: &[OwnedMessage],
-        tracker: &Mutex<OffsetTracker>,
-    ) -> BatchStats {
-        if let Ok(mut t) = tracker.lock() {
-            for r in records {
-                t.track(r.topic(), r.partition(), r.offset());
-            }
-        }
-        let lanes = lanes(records);
-        let futs: Vec<_> = lanes
-            .into_iter()
-            .map(|lane| self.run_lane(lane, tracker))
-            .collect();
-        let outcomes: Vec<Vec<RecordOutcome>> = futures::stream::iter(futs)
-            .buffer_unordered(self.settings.concurrency)
-            .collect()
-            .await;
-        let mut stats = BatchStats {
-            records: records.len(),
-            ..Default::default()
-        };
-        for o in outcomes.into_iter().flatten() {
-            match o {
-                RecordOutcome::Processed { dead_lettered } => {
-                    stats.processed += 1;
-                    stats.dead_lettered += dead_lettered;
-                }
-                RecordOutcome::Skipped => stats.skipped += 1,
-                RecordOutcome::DeadLettered => stats.dead_lettered += 1,
-                RecordOutcome::Abandoned => stats.abandoned += 1,
-            }
-        }
-        stats
-    }
-
-    /// Runs the records of one key in offset order.
-    async fn run_lane(
-        &self,
-        lane: Vec<&OwnedMessage>,
-        tracker: &Mutex<OffsetTracker>,
-    ) -> Vec<RecordOutcome> {
-        let mut out = Vec::with_capacity(lane.len());
-        for r in lane {
-            // Once a lane is abandoned, later records of the same key must not run ahead of it.
-            if self.cancel.is_cancelled() || out.last() == Some(&RecordOutcome::Abandoned) {
-                out.push(RecordOutcome::Abandoned);
-                continue;
-            }
-            let o = self.process_record(r).await;
-            if o.finished()
-                && let Ok(mut t) = tracker.lock()
-            {
-                t.finish(r.topic(), r.partition(), r.offset());
-            }
-            out.push(o);
-        }
-        out
-    }
-
     /// Decodes one record and runs every handler of its event type.
     pub async fn process_record(&self, msg: &OwnedMessage) -> RecordOutcome {
         let topic = msg.topic();
@@ -355,24 +304,6 @@ pub fn backoff(s: &ProcessingSettings, attempt: u32) -> Duration {
     let capped = exp.min(s.max_backoff);
     let half = capped / 2;
     half + half.mul_f64(fastrand::f64())
-}
-
-/// Splits a batch into lanes of one partition and key each, records in offset order.
-pub fn lanes(records: &[OwnedMessage]) -> Vec<Vec<&OwnedMessage>> {
-    let mut index: HashMap<(&str, i32, Option<&[u8]>), usize> = HashMap::new();
-    let mut lanes: Vec<Vec<&OwnedMessage>> = Vec::new();
-    for r in records {
-        let k = (r.topic(), r.partition(), r.key());
-        let i = *index.entry(k).or_insert_with(|| {
-            lanes.push(Vec::new());
-            lanes.len() - 1
-        });
-        lanes[i].push(r);
-    }
-    for lane in &mut lanes {
-        lane.sort_by_key(|r| r.offset());
-    }
-    lanes
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {

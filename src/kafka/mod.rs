@@ -4,7 +4,7 @@
 pub mod offsets;
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -29,6 +29,52 @@ pub struct ProcessorContext {
     pub health: Arc<Health>,
     /// Partitions revoked since the loop last looked; it drops their carried-over records.
     pub revoked: Arc<Mutex<Vec<Tp>>>,
+    /// How long a revoke waits for in-flight records of the revoked partitions.
+    pub drain_timeout: Duration,
+}
+
+impl ProcessorContext {
+    /// Waits, up to the drain timeout, until no record of `revoked` is in flight.
+    fn drain(&self, revoked: &[Tp]) {
+        let unfinished = || {
+            self.tracker
+                .lock()
+                .map(|t| t.unfinished_in(revoked))
+                .unwrap_or(0)
+        };
+        let before = unfinished();
+        if before == 0 {
+            return;
+        }
+        let started = Instant::now();
+        let wait = || {
+            while unfinished() > 0 && started.elapsed() < self.drain_timeout {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        // The callback runs on the thread that polls. On a runtime worker, hand its other tasks to the rest of the
+        // runtime while waiting; a current-thread runtime would have nobody left to finish the work.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Err(_) => wait(),
+            Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => {}
+            Ok(_) => tokio::task::block_in_place(wait),
+        }
+        let left = unfinished();
+        if left > 0 {
+            tracing::warn!(
+                in_flight = before,
+                unfinished = left,
+                waited_ms = started.elapsed().as_millis() as u64,
+                "Rebalance drain deadline reached; unfinished records of revoked partitions are left to the next owner"
+            );
+        } else {
+            tracing::info!(
+                in_flight = before,
+                waited_ms = started.elapsed().as_millis() as u64,
+                "Drained in-flight records of revoked partitions"
+            );
+        }
+    }
 }
 
 impl ClientContext for ProcessorContext {
@@ -51,6 +97,9 @@ impl ConsumerContext for ProcessorContext {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 let revoked = tpl_to_vec(tpl);
+                if !consumer.assignment_lost() {
+                    self.drain(&revoked);
+                }
                 metrics::counter!("event_processor_rebalances_total", "kind" => "revoke")
                     .increment(1);
                 let offsets = match self.tracker.lock() {

@@ -46,6 +46,23 @@ impl OffsetTracker {
         }
     }
 
+    /// The record is taken into processing and not finished: its partition is still ours.
+    pub fn is_pending(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        self.parts
+            .get(&(topic.to_string(), partition))
+            .and_then(|p| p.pending.get(&offset))
+            .is_some_and(|done| !*done)
+    }
+
+    /// Records of these partitions taken into processing and not finished.
+    pub fn unfinished_in(&self, partitions: &[Tp]) -> usize {
+        partitions
+            .iter()
+            .filter_map(|tp| self.parts.get(tp))
+            .map(|p| p.pending.values().filter(|d| !**d).count())
+            .sum()
+    }
+
     /// Offsets to commit now: per partition, the first unfinished offset (or last finished + 1), when it moved
     /// past what was committed.
     pub fn committable(&mut self) -> Vec<(Tp, i64)> {

@@ -1,5 +1,5 @@
-//! Fan-out, isolation, retries and lanes of one batch, with in-memory handlers and dead-letter sink. (The same
-//! behaviour against real Kafka and MongoDB is in `tests/`.)
+//! Fan-out, isolation, retries, and the keyed lanes of `dispatch`, with in-memory handlers and dead-letter sink.
+//! (The same behaviour against real Kafka and MongoDB is in `tests/`.)
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -8,7 +8,11 @@ use rdkafka::Timestamp;
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 
+use std::sync::Mutex;
+
 use super::*;
+use crate::dispatch::Dispatcher;
+use crate::kafka::OffsetTracker;
 use crate::registry::HandlerError;
 
 #[derive(Default)]
@@ -38,6 +42,8 @@ enum Behaviour {
     Permanent,
     Panic,
     TransientTimes(u32),
+    /// Takes this long for the aggregate `slow`, no time for the others.
+    SlowKey(Duration),
 }
 
 struct TestHandler {
@@ -79,6 +85,13 @@ impl EventHandler for TestHandler {
                 Err(HandlerError::Transient(anyhow::anyhow!("mongo down")))
             }
             Behaviour::TransientTimes(_) => Ok(()),
+            Behaviour::SlowKey(d) => {
+                if event.aggregate_id == "slow" {
+                    tokio::time::sleep(d).await;
+                }
+                self.seen.lock().unwrap().push(event.source.offset);
+                Ok(())
+            }
         }
     }
 }
@@ -127,6 +140,18 @@ fn processor(handlers: Vec<Arc<TestHandler>>, sink: Arc<Sink>) -> Processor {
     }
 }
 
+/// Runs a batch through keyed lanes to its end.
+async fn run(
+    p: Processor,
+    batch: &[OwnedMessage],
+    tracker: &Arc<Mutex<OffsetTracker>>,
+) -> BatchStats {
+    Dispatcher::new(Arc::new(p), tracker.clone())
+        .submit(batch.to_vec())
+        .finished()
+        .await
+}
+
 #[tokio::test(start_paused = true)]
 async fn failing_and_panicking_handlers_do_not_block_siblings() {
     let ok = TestHandler::new("ok", Behaviour::Ok);
@@ -134,9 +159,9 @@ async fn failing_and_panicking_handlers_do_not_block_siblings() {
     let boom = TestHandler::new("boom", Behaviour::Panic);
     let sink = Arc::new(Sink::default());
     let p = processor(vec![ok.clone(), bad.clone(), boom.clone()], sink.clone());
-    let tracker = Mutex::new(OffsetTracker::new());
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     let batch = [record(0, "a", "UserCreated"), record(1, "b", "Unknown")];
-    let stats = p.process_batch(&batch, &tracker).await;
+    let stats = run(p, &batch, &tracker).await;
     assert_eq!(stats.processed, 1);
     assert_eq!(stats.skipped, 1, "unknown event type is skipped");
     assert_eq!(stats.dead_lettered, 2);
@@ -163,10 +188,8 @@ async fn transient_failures_retry_and_are_never_dead_lettered() {
     let flaky = TestHandler::new("flaky", Behaviour::TransientTimes(10));
     let sink = Arc::new(Sink::default());
     let p = processor(vec![flaky.clone()], sink.clone());
-    let tracker = Mutex::new(OffsetTracker::new());
-    let stats = p
-        .process_batch(&[record(5, "a", "UserCreated")], &tracker)
-        .await;
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let stats = run(p, &[record(5, "a", "UserCreated")], &tracker).await;
     assert_eq!(stats.processed, 1);
     assert_eq!(flaky.calls.load(Ordering::SeqCst), 11);
     assert!(sink.letters.lock().unwrap().is_empty());
@@ -177,7 +200,7 @@ async fn undecodable_record_is_dead_lettered_only_once_acknowledged() {
     let sink = Arc::new(Sink::default());
     sink.fail_first.store(2, Ordering::SeqCst);
     let p = processor(vec![], sink.clone());
-    let tracker = Mutex::new(OffsetTracker::new());
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     let poison = OwnedMessage::new(
         Some(b"not json".to_vec()),
         None,
@@ -187,7 +210,7 @@ async fn undecodable_record_is_dead_lettered_only_once_acknowledged() {
         9,
         None,
     );
-    let stats = p.process_batch(&[poison], &tracker).await;
+    let stats = run(p, &[poison], &tracker).await;
     assert_eq!(stats.dead_lettered, 1);
     let letters = sink.letters.lock().unwrap().clone();
     assert_eq!(letters, [("decode.not_json".to_string(), None, 1)]);
@@ -203,7 +226,7 @@ async fn shutdown_abandons_unfinished_work_and_it_stays_uncommitted() {
     sink.fail_first.store(u32::MAX, Ordering::SeqCst); // dead-letter topic down
     let ok = TestHandler::new("ok", Behaviour::Ok);
     let p = processor(vec![ok], sink);
-    let tracker = Mutex::new(OffsetTracker::new());
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     let batch = [
         record(0, "a", "UserCreated"),
         OwnedMessage::new(
@@ -222,7 +245,7 @@ async fn shutdown_abandons_unfinished_work_and_it_stays_uncommitted() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         cancel.cancel();
     });
-    let stats = p.process_batch(&batch, &tracker).await;
+    let stats = run(p, &batch, &tracker).await;
     assert_eq!(stats.processed, 2);
     assert_eq!(stats.abandoned, 1);
     assert_eq!(
@@ -231,20 +254,56 @@ async fn shutdown_abandons_unfinished_work_and_it_stays_uncommitted() {
     );
 }
 
-#[test]
-fn lanes_keep_key_order_and_separate_keys() {
-    let batch = [
-        record(0, "a", "X"),
-        record(1, "b", "X"),
-        record(2, "a", "X"),
-        record(3, "b", "X"),
-    ];
-    let l = lanes(&batch);
-    let offsets: Vec<Vec<i64>> = l
-        .iter()
-        .map(|lane| lane.iter().map(|m| m.offset()).collect())
-        .collect();
-    assert_eq!(offsets, [vec![0, 2], vec![1, 3]]);
+#[tokio::test(start_paused = true)]
+async fn one_slow_key_holds_up_only_its_own_lane_and_the_commit() {
+    let h = TestHandler::new("h", Behaviour::SlowKey(Duration::from_secs(4)));
+    let p = Arc::new(processor(vec![h.clone()], Arc::new(Sink::default())));
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let d = Dispatcher::new(p, tracker.clone());
+    let first = d.submit(vec![
+        record(0, "slow", "UserCreated"),
+        record(1, "b", "UserCreated"),
+        record(2, "slow", "UserCreated"),
+    ]);
+    // A later batch runs while the first is still busy with the slow key.
+    let second = d.submit(vec![
+        record(3, "b", "UserCreated"),
+        record(4, "c", "UserCreated"),
+    ]);
+    assert_eq!(second.finished().await.processed, 2);
+    assert_eq!(*h.seen.lock().unwrap(), [1, 3, 4]);
+    assert!(
+        tracker.lock().unwrap().committable().is_empty(),
+        "offset 0 is unfinished: nothing may be committed"
+    );
+    assert_eq!(d.in_flight(), 2);
+    assert_eq!(first.finished().await.processed, 3);
+    assert_eq!(*h.seen.lock().unwrap(), [1, 3, 4, 0, 2], "key order kept");
+    assert_eq!(
+        tracker.lock().unwrap().committable(),
+        vec![(("t".to_string(), 0), 5)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_of_a_revoked_partition_are_not_run() {
+    let h = TestHandler::new("h", Behaviour::SlowKey(Duration::from_secs(3)));
+    let p = Arc::new(processor(vec![h.clone()], Arc::new(Sink::default())));
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let d = Dispatcher::new(p, tracker.clone());
+    let batch = d.submit(vec![
+        record(0, "slow", "UserCreated"),
+        record(1, "slow", "UserCreated"),
+    ]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tracker.lock().unwrap().revoke(&[("t".to_string(), 0)]);
+    let stats = batch.finished().await;
+    assert_eq!((stats.processed, stats.abandoned), (1, 1));
+    assert_eq!(
+        *h.seen.lock().unwrap(),
+        [0],
+        "the queued record did not run"
+    );
 }
 
 #[test]
