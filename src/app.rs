@@ -24,6 +24,11 @@ use crate::store;
 /// Finished records are committed at most this often (and on revoke and shutdown).
 const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How long the in-flight limit may hold the loop before it pauses the partitions and polls on without taking
+/// records. Shorter stalls just leave records in librdkafka's queue: pausing drops its prefetched records, and
+/// refetching them costs more than the wait.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
 /// Runs the daemon until `shutdown` is cancelled, with the shipped handlers.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut registry = Registry::new();
@@ -112,6 +117,7 @@ pub async fn run_with_registry(
         work_cancel,
         carry: Vec::new(),
         paused: None,
+        full_since: None,
         last_commit: Instant::now(),
         last_stats: Instant::now(),
     };
@@ -174,6 +180,8 @@ struct Loop<'a> {
     carry: Vec<OwnedMessage>,
     /// The partitions paused for backpressure, if any.
     paused: Option<TopicPartitionList>,
+    /// Since when the in-flight limit holds the loop.
+    full_since: Option<Instant>,
     last_commit: Instant,
     last_stats: Instant,
 }
@@ -212,9 +220,12 @@ impl Loop<'_> {
                 break;
             }
             self.health.beat();
+            // While full, records stay in librdkafka's queue; once full for PAUSE_AFTER the partitions are paused
+            // and the loop keeps polling (rebalances and membership need it) without taking records.
+            let receive = !full || self.paused.is_some();
             tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
-                r = self.consumer.recv() => match r {
+                r = self.consumer.recv(), if receive => match r {
                     // Paused partitions may still hand out what was fetched before the pause: keep it for later.
                     Ok(m) if full => self.carry.push(m.detach()),
                     Ok(m) => batch.push(m.detach()),
@@ -243,9 +254,14 @@ impl Loop<'_> {
         Some(batch)
     }
 
-    /// Pauses every assigned partition while `full`, resumes those still assigned when not.
+    /// Pauses every assigned partition once it has been `full` for [`PAUSE_AFTER`], resumes those still assigned
+    /// when not.
     fn flow_control(&mut self, full: bool) {
-        if full && self.paused.is_none() {
+        if !full {
+            self.full_since = None;
+        }
+        let since = *self.full_since.get_or_insert_with(Instant::now);
+        if full && self.paused.is_none() && since.elapsed() >= PAUSE_AFTER {
             if let Ok(a) = self.consumer.assignment() {
                 match self.consumer.pause(&a) {
                     Ok(()) => {

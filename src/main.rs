@@ -8,6 +8,11 @@ use std::process::ExitCode;
 use event_processor::{Config, shutdown, telemetry};
 use tokio_util::sync::CancellationToken;
 
+/// Decoding JSON allocates many small objects per record; mimalloc serves them faster than the system allocator
+/// (see `docs/BENCHMARKS.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

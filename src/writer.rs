@@ -50,7 +50,13 @@ struct Op {
 /// A handle for queueing update statements. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Writer {
-    tx: mpsc::UnboundedSender<Op>,
+    mode: Mode,
+}
+
+#[derive(Clone, Debug)]
+enum Mode {
+    Coalescing(mpsc::UnboundedSender<Op>),
+    Direct(Database),
 }
 
 impl Writer {
@@ -58,7 +64,17 @@ impl Writer {
     pub fn start(db: Database) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(flusher(db, rx));
-        Writer { tx }
+        Writer {
+            mode: Mode::Coalescing(tx),
+        }
+    }
+
+    /// A writer that sends every statement as its own command: one round trip per write, as a consumer
+    /// without coalescing would. The benchmark's per-event baseline uses it.
+    pub fn direct(db: Database) -> Self {
+        Writer {
+            mode: Mode::Direct(db),
+        }
     }
 
     /// Queues `updateOne(filter, update, {upsert})` on `collection` and waits for the server's answer.
@@ -74,14 +90,16 @@ impl Writer {
             .map(|r| r.as_bytes().len())
             .unwrap_or(0);
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Op {
-                collection: collection.to_string(),
-                statement,
-                bytes,
-                reply,
-            })
-            .map_err(|_| WriteError::Closed)?;
+        let op = Op {
+            collection: collection.to_string(),
+            statement,
+            bytes,
+            reply,
+        };
+        match &self.mode {
+            Mode::Coalescing(tx) => tx.send(op).map_err(|_| WriteError::Closed)?,
+            Mode::Direct(db) => send(db, op.collection.clone(), vec![op]).await,
+        }
         rx.await.unwrap_or(Err(WriteError::Closed))
     }
 }

@@ -1,0 +1,928 @@
+//! The benchmark behind `docs/BENCHMARKS.md`. Run it with `scripts/bench` (brings the local stack up, builds,
+//! runs this, draws the chart), or against running services:
+//!
+//! ```sh
+//! eval "$(scripts/stack env)"
+//! cargo build --release --bin event-processor
+//! cargo bench --bench pipeline            # BENCH_REPEAT=3 runs of each measurement; BENCH_QUICK=1 for a smoke run
+//! ```
+//!
+//! Every throughput figure is taken in the same run as its baseline, repeat by repeat, so the ratios hold on a
+//! shared, noisy machine. Prints one JSON document (also written to `BENCH_OUT` if set).
+//!
+//! - **pipeline ceiling**: a bare rdkafka consume loop vs the daemon's pipeline with no-op handlers, over the same
+//!   pre-filled topic of raw Debezium change records (`JsonConverter`, no schemas, as the shipped connector
+//!   writes them).
+//! - **with MongoDB**: the daemon with the four shipped handlers vs the same handlers called in a tight loop
+//!   without Kafka (the server's own ceiling for exactly these writes, through the same bulk writer), and vs the
+//!   per-event design being replaced (one awaited write per handler per event, commit every 100 records).
+//! - **latency**: Kafka append -> MongoDB acknowledgement at fixed rates; PostgreSQL commit -> MongoDB
+//!   acknowledgement through Debezium (the connector `scripts/stack up` deployed from `debezium/`).
+//! - **resources**: resident memory of the release binary (`BENCH_BIN`) under steady load.
+//! - **scaling**: one vs three processes of the release binary in one group, six partitions.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail, ensure};
+use async_trait::async_trait;
+use event_processor::decode::{Decoded, decode};
+use event_processor::registry::HandlerContext;
+use event_processor::writer::Writer;
+use event_processor::{Config, EventHandler, HandlerError, OutboxEvent, Registry};
+use futures::StreamExt;
+use mongodb::bson::doc;
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const PARTITIONS: i32 = 6;
+
+/// The daemon's allocator (`src/main.rs`), so the in-process pipeline runs as the binary does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+struct Env {
+    kafka: String,
+    mongo: String,
+    postgres: String,
+    run: String,
+    repeat: usize,
+    quick: bool,
+    bin: Option<PathBuf>,
+}
+
+fn var(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set: eval \"$(scripts/stack env)\""))
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Workload: raw Debezium change records of the outbox table, keyed by aggregate id.
+
+fn change_record(
+    event_id: &str,
+    event_type: &str,
+    aggregate: &str,
+    payload: Value,
+) -> (String, String) {
+    let row = json!({
+        "event_id": event_id, "aggregate_id": aggregate, "aggregate_type": "bench",
+        "event_type": event_type, "payload": payload.to_string(), "status": "pending",
+        "created_at": "2026-11-26T15:16:01.817235Z",
+    });
+    let value = json!({
+        "before": null, "after": row, "op": "c", "ts_ms": 1_795_706_161_873i64,
+        "source": {"version": "3.6.1.Final", "connector": "postgresql", "name": "postgres", "ts_ms": 1_795_706_161_873i64,
+                   "snapshot": "false", "db": "app", "schema": "activity", "table": "event_outbox", "txId": 771, "lsn": 27_060_368},
+        "transaction": null, "ts_us": 1_795_706_161_873_418i64, "ts_ns": 1_795_706_161_873_418_715i64,
+    });
+    (
+        json!({"aggregate_id": aggregate}).to_string(),
+        value.to_string(),
+    )
+}
+
+/// `n` records: 70% sign-ups, 10% new activities, 20% joins of those activities.
+fn workload(n: usize) -> Vec<(String, String)> {
+    let mut activities: Vec<String> = Vec::new();
+    let mut users: Vec<String> = Vec::new();
+    (0..n)
+        .map(|i| match i % 10 {
+            0 | 5 if !users.is_empty() => {
+                let a = uuid::Uuid::new_v4().to_string();
+                activities.push(a.clone());
+                change_record(
+                    &uuid::Uuid::new_v4().to_string(),
+                    "ActivityCreated",
+                    &a,
+                    json!({"title": format!("Run {i}"), "organizer_id": users[i % users.len()]}),
+                )
+            }
+            3 if !activities.is_empty() => change_record(
+                &uuid::Uuid::new_v4().to_string(),
+                "ParticipantJoined",
+                &activities[i % activities.len()].clone(),
+                json!({"user_id": users[i % users.len()]}),
+            ),
+            _ => {
+                let u = uuid::Uuid::new_v4().to_string();
+                users.push(u.clone());
+                change_record(
+                    &uuid::Uuid::new_v4().to_string(),
+                    "UserCreated",
+                    &u,
+                    json!({"email": format!("{u}@example.com"), "username": format!("user{i}"),
+                           "first_name": "Ada", "last_name": "Lovelace"}),
+                )
+            }
+        })
+        .collect()
+}
+
+async fn create_topic(kafka: &str, topic: &str) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1))],
+            &opts,
+        )
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn producer(kafka: &str, linger_ms: &str) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .set("linger.ms", linger_ms)
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?)
+}
+
+async fn fill(env: &Env, records: &[(String, String)]) -> anyhow::Result<String> {
+    let topic = format!("bench_{}_{}", env.run, uuid::Uuid::new_v4().simple());
+    create_topic(&env.kafka, &topic).await?;
+    let p = producer(&env.kafka, "20")?;
+    let sends = records.iter().map(|(k, v)| {
+        p.send(
+            FutureRecord::to(&topic).key(k).payload(v),
+            Duration::from_secs(30),
+        )
+    });
+    for r in futures::future::join_all(sends).await {
+        r.map_err(|(e, _)| e)?;
+    }
+    Ok(topic)
+}
+
+fn consumer_config(env: &Env, group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &env.kafka)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest");
+    c
+}
+
+fn daemon_config(env: &Env, topic: &str, db: &str) -> anyhow::Result<Config> {
+    Ok(Config::from_vars([
+        ("KAFKA_BOOTSTRAP_SERVERS".to_string(), env.kafka.clone()),
+        ("KAFKA_TOPICS".into(), topic.to_string()),
+        ("KAFKA_GROUP_ID".into(), format!("{db}_group")),
+        ("MONGODB_URI".into(), env.mongo.clone()),
+        ("MONGODB_DATABASE".into(), db.to_string()),
+        ("DLQ_TOPIC".into(), format!("{db}.dlq")),
+        ("HTTP_PORT".into(), "0".into()),
+        (
+            "LOG_LEVEL".into(),
+            std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+        ),
+    ])?)
+}
+
+fn fresh(env: &Env, what: &str) -> String {
+    format!(
+        "bench_{}_{what}_{}",
+        env.run,
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    )
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Counting what handlers finished, with the time of the first and the last.
+
+#[derive(Default)]
+struct Counter {
+    done: AtomicUsize,
+    first: OnceLock<Instant>,
+    last: Mutex<Option<Instant>>,
+}
+
+impl Counter {
+    fn rate(&self, events: usize) -> f64 {
+        let (Some(first), Some(last)) = (self.first.get(), *self.last.lock().unwrap()) else {
+            return f64::NAN;
+        };
+        events as f64 / (last - *first).as_secs_f64().max(1e-9)
+    }
+
+    async fn wait_for(&self, n: usize, what: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while self.done.load(Ordering::SeqCst) < n {
+            ensure!(
+                Instant::now() < deadline,
+                "{what}: {} of {n} handler calls after 600 s",
+                self.done.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+}
+
+struct Counted {
+    inner: Arc<dyn EventHandler>,
+    counter: Arc<Counter>,
+}
+
+#[async_trait]
+impl EventHandler for Counted {
+    fn event_type(&self) -> &str {
+        self.inner.event_type()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn handle(&self, e: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {
+        self.counter.first.get_or_init(Instant::now);
+        self.inner.handle(e, ctx).await?;
+        *self.counter.last.lock().unwrap() = Some(Instant::now());
+        self.counter.done.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct NoOp(&'static str, &'static str);
+
+#[async_trait]
+impl EventHandler for NoOp {
+    fn event_type(&self) -> &str {
+        self.0
+    }
+    fn name(&self) -> &str {
+        self.1
+    }
+    async fn handle(&self, _: &OutboxEvent, _: &HandlerContext) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+fn shipped() -> anyhow::Result<Registry> {
+    let mut r = Registry::new();
+    event_processor::handlers::register_all(&mut r)?;
+    Ok(r)
+}
+
+fn noops() -> anyhow::Result<Registry> {
+    let mut r = Registry::new();
+    for (t, n) in [
+        ("UserCreated", "NoOpUsers"),
+        ("UserCreated", "NoOpStatistics"),
+        ("ActivityCreated", "NoOpActivities"),
+        ("ParticipantJoined", "NoOpParticipants"),
+    ] {
+        r.register(Arc::new(NoOp(t, n)))?;
+    }
+    Ok(r)
+}
+
+fn counted(base: &Registry, counter: &Arc<Counter>) -> anyhow::Result<Registry> {
+    let mut r = Registry::new();
+    for name in base.names() {
+        let inner = base.by_name(name).context("handler")?.clone();
+        r.register(Arc::new(Counted {
+            inner,
+            counter: counter.clone(),
+        }))?;
+    }
+    Ok(r)
+}
+
+/// Handler calls the records make under `registry`.
+fn calls(registry: &Registry, records: &[(String, String)]) -> usize {
+    events(records)
+        .iter()
+        .map(|e| registry.handlers_for(&e.event_type).len())
+        .sum()
+}
+
+fn events(records: &[(String, String)]) -> Vec<OutboxEvent> {
+    records
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (k, v))| {
+            let m = OwnedMessage::new(
+                Some(v.as_bytes().to_vec()),
+                Some(k.as_bytes().to_vec()),
+                "bench".into(),
+                rdkafka::Timestamp::NotAvailable,
+                0,
+                i as i64,
+                None,
+            );
+            match decode(&m) {
+                Ok(Decoded::Event(e)) => Some(*e),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Throughput.
+
+/// A bare consume loop: receive and copy out every record, nothing else.
+async fn bare_consume(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
+    let c: StreamConsumer = consumer_config(env, &fresh(env, "bare")).create()?;
+    c.subscribe(&[topic])?;
+    let mut first = None;
+    let mut seen = 0;
+    let mut bytes = 0usize;
+    while seen < n {
+        let m = tokio::time::timeout(Duration::from_secs(60), c.recv())
+            .await
+            .context("bare consumer: no record within 60 s")??
+            .detach();
+        first.get_or_insert_with(Instant::now);
+        bytes += m.payload().map_or(0, <[u8]>::len);
+        seen += 1;
+    }
+    let rate = n as f64 / first.map_or(1.0, |f| f.elapsed().as_secs_f64());
+    std::hint::black_box(bytes);
+    Ok(rate)
+}
+
+/// The daemon's pipeline over the topic with `base`'s handlers, from its first handler call to its last.
+async fn pipeline(
+    env: &Env,
+    topic: &str,
+    records: &[(String, String)],
+    base: &Registry,
+) -> anyhow::Result<f64> {
+    let counter = Arc::new(Counter::default());
+    let registry = counted(base, &counter)?;
+    if let Ok(level) = std::env::var("BENCH_LOG_LEVEL") {
+        let _ =
+            event_processor::telemetry::init(&level, event_processor::config::LogFormat::Pretty);
+    }
+    let expected = calls(&registry, records);
+    let db = fresh(env, "pipe");
+    let token = CancellationToken::new();
+    let daemon = tokio::spawn(event_processor::run_with_registry(
+        daemon_config(env, topic, &db)?,
+        registry,
+        token.clone(),
+    ));
+    let waited = counter.wait_for(expected, "pipeline").await;
+    token.cancel();
+    daemon.await??;
+    waited?;
+    drop_db(env, &db).await;
+    Ok(counter.rate(records.len()))
+}
+
+/// The shipped handlers called in a tight loop, no Kafka: what the server does for exactly these writes through
+/// the same bulk writer. Events go in slices of 1000 at once, in workload order.
+async fn server_ceiling(env: &Env, records: &[(String, String)]) -> anyhow::Result<f64> {
+    let db_name = fresh(env, "ceiling");
+    let client = mongodb::Client::with_uri_str(&env.mongo).await?;
+    let db = client.database(&db_name);
+    event_processor::handlers::ensure_indexes(&db).await?;
+    let ctx = HandlerContext::new(db);
+    let ctx = &ctx;
+    let registry = shipped()?;
+    let events = events(records);
+    let started = Instant::now();
+    for slice in events.chunks(1000) {
+        let calls = slice.iter().flat_map(|e| {
+            registry
+                .handlers_for(&e.event_type)
+                .iter()
+                .map(move |h| h.handle(e, ctx))
+                .collect::<Vec<_>>()
+        });
+        for r in futures::future::join_all(calls).await {
+            r.map_err(|e| anyhow::anyhow!("ceiling: {e}"))?;
+        }
+    }
+    let rate = events.len() as f64 / started.elapsed().as_secs_f64();
+    drop_db(env, &db_name).await;
+    Ok(rate)
+}
+
+/// The design being replaced: one record at a time, every handler's write awaited on its own, a commit every
+/// 100 records.
+async fn per_event(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
+    let db_name = fresh(env, "perevent");
+    let client = mongodb::Client::with_uri_str(&env.mongo).await?;
+    let db = client.database(&db_name);
+    event_processor::handlers::ensure_indexes(&db).await?;
+    let ctx = HandlerContext {
+        db: db.clone(),
+        writer: Writer::direct(db),
+    };
+    let registry = shipped()?;
+    let c: StreamConsumer = consumer_config(env, &fresh(env, "perevent")).create()?;
+    c.subscribe(&[topic])?;
+    let mut first = None;
+    for i in 1..=n {
+        let m = tokio::time::timeout(Duration::from_secs(60), c.recv())
+            .await
+            .context("per-event consumer: no record within 60 s")??;
+        first.get_or_insert_with(Instant::now);
+        if let Ok(Decoded::Event(e)) = decode(&m) {
+            for h in registry.handlers_for(&e.event_type) {
+                h.handle(&e, &ctx)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("per-event: {e}"))?;
+            }
+        }
+        if i % 100 == 0 {
+            c.commit_message(&m, CommitMode::Sync)?;
+        }
+    }
+    let rate = n as f64 / first.map_or(1.0, |f| f.elapsed().as_secs_f64());
+    drop_db(env, &db_name).await;
+    Ok(rate)
+}
+
+async fn drop_db(env: &Env, name: &str) {
+    if let Ok(c) = mongodb::Client::with_uri_str(&env.mongo).await {
+        let _ = c.database(name).drop().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Latency: a probe handler beside the shipped ones records when MongoDB acknowledged its upsert.
+
+struct Probe(Arc<Mutex<HashMap<String, i64>>>);
+
+#[async_trait]
+impl EventHandler for Probe {
+    fn event_type(&self) -> &str {
+        "UserCreated"
+    }
+    fn name(&self) -> &str {
+        "LatencyProbe"
+    }
+    async fn handle(&self, e: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {
+        event_processor::store::update_one(
+            ctx,
+            "latency_probe",
+            doc! { "_id": &e.event_id },
+            doc! { "$set": { "seen": true } },
+            true,
+        )
+        .await?;
+        self.0
+            .lock()
+            .unwrap()
+            .entry(e.event_id.clone())
+            .or_insert_with(now_us);
+        Ok(())
+    }
+}
+
+/// Sends `count` sign-ups at `rate` per second, to Kafka (`pg == false`) or as outbox rows to PostgreSQL, and
+/// returns each one's latency in milliseconds: the probe's acknowledgement minus the moment it was handed over.
+async fn latency(env: &Env, pg: bool, count: usize, rate: f64) -> anyhow::Result<Vec<f64>> {
+    let topic = if pg {
+        "postgres.activity.event_outbox".to_string()
+    } else {
+        let t = fresh(env, "latency");
+        create_topic(&env.kafka, &t).await?;
+        t
+    };
+    let db = fresh(env, "latency");
+    let mut config = daemon_config(env, &topic, &db)?;
+    config.kafka_auto_offset_reset = "latest".into();
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let mut registry = shipped()?;
+    registry.register(Arc::new(Probe(seen.clone())))?;
+    let token = CancellationToken::new();
+    let daemon = tokio::spawn(event_processor::run_with_registry(
+        config,
+        registry,
+        token.clone(),
+    ));
+    let result = drive_latency(env, pg, &topic, count, rate, &seen).await;
+    token.cancel();
+    daemon.await??;
+    drop_db(env, &db).await;
+    result
+}
+
+async fn drive_latency(
+    env: &Env,
+    pg: bool,
+    topic: &str,
+    count: usize,
+    rate: f64,
+    seen: &Arc<Mutex<HashMap<String, i64>>>,
+) -> anyhow::Result<Vec<f64>> {
+    let producer = producer(&env.kafka, "0")?;
+    let pg = if pg {
+        let (c, conn) = tokio_postgres::connect(&env.postgres, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Some(Arc::new(c))
+    } else {
+        None
+    };
+    // Each send is its own task, so it starts at its scheduled moment rather than when someone polls it.
+    let send = |event_id: String, user: String| {
+        let producer = producer.clone();
+        let pg = pg.clone();
+        let topic = topic.to_string();
+        tokio::spawn(async move {
+            if let Some(pg) = pg {
+                let payload = json!({"email": format!("{user}@example.com")}).to_string();
+                pg.execute(
+                    "INSERT INTO activity.event_outbox (event_id, aggregate_id, aggregate_type, event_type, payload) \
+                     VALUES ($1::text::uuid, $2::text::uuid, 'user', 'UserCreated', $3::text::jsonb)",
+                    &[&event_id, &user, &payload],
+                )
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+            } else {
+                let (key, value) = change_record(
+                    &event_id,
+                    "UserCreated",
+                    &user,
+                    json!({"email": format!("{user}@example.com")}),
+                );
+                producer
+                    .send(
+                        FutureRecord::to(&topic).key(&key).payload(&value),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|(e, _)| anyhow::Error::from(e))
+            }
+        })
+    };
+    // Warm up: the group has joined and the partitions are assigned once one event comes through.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    'warm: loop {
+        let id = uuid::Uuid::new_v4().to_string();
+        send(id.clone(), uuid::Uuid::new_v4().to_string()).await??;
+        for _ in 0..50 {
+            if seen.lock().unwrap().contains_key(&id) {
+                break 'warm;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the daemon saw nothing within 120 s"
+        );
+    }
+    let mut sent: Vec<(String, i64)> = Vec::with_capacity(count);
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = tokio::time::Instant::now();
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    for i in 0..count {
+        tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
+        let id = uuid::Uuid::new_v4().to_string();
+        sent.push((id.clone(), now_us()));
+        inflight.push(send(id, uuid::Uuid::new_v4().to_string()));
+        while inflight.len() > 64 {
+            if let Some(r) = inflight.next().await {
+                r??;
+            }
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        r??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while sent
+        .iter()
+        .any(|(id, _)| !seen.lock().unwrap().contains_key(id))
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "events lost: not all arrived within 300 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = seen.lock().unwrap();
+    let mut ms: Vec<f64> = sent
+        .iter()
+        .filter_map(|(id, t0)| seen.get(id).map(|t1| (*t1 - *t0) as f64 / 1000.0))
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    Ok(ms)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The release binary as a separate process: memory and scaling.
+
+fn spawn_daemon(
+    env: &Env,
+    topic: &str,
+    db: &str,
+    group: &str,
+) -> anyhow::Result<std::process::Child> {
+    let bin = env
+        .bin
+        .as_ref()
+        .context("BENCH_BIN (the release binary) is not set")?;
+    Ok(std::process::Command::new(bin)
+        .arg("run")
+        .env("KAFKA_BOOTSTRAP_SERVERS", &env.kafka)
+        .env("KAFKA_TOPICS", topic)
+        .env("KAFKA_GROUP_ID", group)
+        .env("MONGODB_URI", &env.mongo)
+        .env("MONGODB_DATABASE", db)
+        .env("DLQ_TOPIC", format!("{db}.dlq"))
+        .env("HTTP_PORT", "0")
+        .env("LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()?)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Resident memory of one daemon process while `rate` sign-ups per second flow for `secs`, sampled each second.
+async fn resident_memory(env: &Env, rate: f64, secs: u64) -> anyhow::Result<(f64, f64)> {
+    let topic = fresh(env, "rss");
+    create_topic(&env.kafka, &topic).await?;
+    let db = fresh(env, "rss");
+    let mut child = spawn_daemon(env, &topic, &db, &format!("{db}_group"))?;
+    let pid = child.id();
+    let p = producer(&env.kafka, "5")?;
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    let mut next_sample = start + Duration::from_secs(5);
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut i = 0u64;
+    while start.elapsed() < Duration::from_secs(secs) {
+        let (k, v) = workload(1).remove(0);
+        let _ = p.send_result(FutureRecord::to(&topic).key(&k).payload(&v));
+        i += 1;
+        tokio::time::sleep_until((start + interval.mul_f64(i as f64)).into()).await;
+        if Instant::now() >= next_sample {
+            next_sample += Duration::from_secs(1);
+            samples.push(rss_kib(pid).context("the daemon exited")? as f64 / 1024.0);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    drop_db(env, &db).await;
+    let max = samples.iter().cloned().fold(0.0, f64::max);
+    Ok((median(samples), max))
+}
+
+/// Sum of the group's committed offsets over the topic's partitions.
+fn committed_total(env: &Env, group: &str, topic: &str) -> anyhow::Result<i64> {
+    let c: BaseConsumer = consumer_config(env, group).create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10))?;
+    let total = got
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum();
+    drop(got);
+    Ok(total)
+}
+
+/// `k` daemon processes in one group over a pre-filled topic: records per second from the first commit to the
+/// last (group joins are not counted).
+async fn scaling(env: &Env, records: &[(String, String)], k: usize) -> anyhow::Result<f64> {
+    let topic = fill(env, records).await?;
+    let db = fresh(env, "scale");
+    let group = format!("{db}_group");
+    let mut children = (0..k)
+        .map(|_| spawn_daemon(env, &topic, &db, &group))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut first: Option<(Instant, i64)> = None;
+    let result = loop {
+        let total = committed_total(env, &group, &topic)?;
+        if total > 0 && first.is_none() {
+            first = Some((Instant::now(), total));
+        }
+        if total as usize >= records.len() {
+            let (t0, c0) = first.unwrap_or((Instant::now(), 0));
+            break Ok((total - c0) as f64 / t0.elapsed().as_secs_f64().max(1e-9));
+        }
+        if Instant::now() > deadline {
+            break Err(anyhow::anyhow!(
+                "scaling x{k}: {total} of {} committed after 600 s",
+                records.len()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    drop_db(env, &db).await;
+    result
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let quick = std::env::var_os("BENCH_QUICK").is_some();
+    let env = Env {
+        kafka: var("KAFKA_BOOTSTRAP_SERVERS")?,
+        mongo: var("MONGODB_URI")?,
+        postgres: var("POSTGRES_URL")?,
+        run: uuid::Uuid::new_v4().simple().to_string()[..6].to_string(),
+        repeat: std::env::var("BENCH_REPEAT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(if quick { 1 } else { 3 }),
+        quick,
+        bin: std::env::var_os("BENCH_BIN").map(PathBuf::from),
+    };
+    let (n_kafka, n_mongo, n_per_event) = if env.quick {
+        (5_000, 600, 150)
+    } else {
+        (50_000, 4_000, 600)
+    };
+    let mut out = serde_json::Map::new();
+    out.insert("machine".into(), machine());
+    // BENCH_ONLY=pipeline stops after the pipeline ceiling (for profiling it).
+    let only_pipeline = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "pipeline");
+
+    eprintln!(
+        "[bench] pipeline ceiling: {n_kafka} records, {} repeats",
+        env.repeat
+    );
+    let records = workload(n_kafka);
+    let topic = fill(&env, &records).await?;
+    let noop = noops()?;
+    let (mut bare, mut pipe) = (Vec::new(), Vec::new());
+    for _ in 0..env.repeat {
+        bare.push(bare_consume(&env, &topic, n_kafka).await?);
+        pipe.push(pipeline(&env, &topic, &records, &noop).await?);
+    }
+    let (b, p) = (median(bare.clone()), median(pipe.clone()));
+    eprintln!("[bench]   bare {b:.0}/s, pipeline {p:.0}/s");
+    out.insert(
+        "pipeline_ceiling".into(),
+        json!({
+            "records": n_kafka, "bare_consume_per_s": bare, "pipeline_noop_per_s": pipe,
+            "median_bare_per_s": b, "median_pipeline_per_s": p, "ratio": p / b,
+        }),
+    );
+
+    if only_pipeline {
+        println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
+        return Ok(());
+    }
+    eprintln!("[bench] with MongoDB: {n_mongo} records (per-event design: {n_per_event})");
+    let records = workload(n_mongo);
+    let topic = fill(&env, &records).await?;
+    let handlers = shipped()?;
+    let (mut ceil, mut ours, mut base) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..env.repeat {
+        ceil.push(server_ceiling(&env, &records).await?);
+        ours.push(pipeline(&env, &topic, &records, &handlers).await?);
+        base.push(per_event(&env, &topic, n_per_event).await?);
+    }
+    let (c, o, b) = (
+        median(ceil.clone()),
+        median(ours.clone()),
+        median(base.clone()),
+    );
+    eprintln!("[bench]   server ceiling {c:.0}/s, pipeline {o:.0}/s, per-event {b:.0}/s");
+    out.insert("with_mongodb".into(), json!({
+        "records": n_mongo, "per_event_records": n_per_event,
+        "server_ceiling_per_s": ceil, "pipeline_per_s": ours, "per_event_per_s": base,
+        "median_server_ceiling_per_s": c, "median_pipeline_per_s": o, "median_per_event_per_s": b,
+        "ratio_to_ceiling": o / c, "ratio_to_per_event": o / b,
+    }));
+
+    // Latency at fixed rates: 1000/s, and half the pipeline's measured maximum.
+    let half = (o / 2.0).max(1.0).round();
+    let secs = if env.quick { 2.0 } else { 5.0 };
+    let mut lat = serde_json::Map::new();
+    for rate in [1000.0, half] {
+        let count = (rate * secs).max(50.0) as usize;
+        eprintln!("[bench] Kafka -> MongoDB latency at {rate}/s, {count} events");
+        let mut runs = Vec::new();
+        for _ in 0..env.repeat {
+            let ms = latency(&env, false, count, rate).await?;
+            runs.push(json!({"p50_ms": pct(&ms, 50.0), "p99_ms": pct(&ms, 99.0), "p999_ms": pct(&ms, 99.9), "events": ms.len()}));
+        }
+        lat.insert(format!("kafka_{rate}_per_s"), summarize(runs));
+    }
+    let (count, rate) = if env.quick { (40, 20.0) } else { (200, 20.0) };
+    eprintln!("[bench] PostgreSQL -> MongoDB latency at {rate}/s, {count} events");
+    let mut runs = Vec::new();
+    for _ in 0..env.repeat {
+        let ms = latency(&env, true, count, rate).await?;
+        runs.push(json!({"p50_ms": pct(&ms, 50.0), "p99_ms": pct(&ms, 99.0), "p999_ms": pct(&ms, 99.9), "events": ms.len()}));
+    }
+    lat.insert(format!("postgres_{rate}_per_s"), summarize(runs));
+    out.insert("latency".into(), Value::Object(lat));
+
+    if env.bin.is_some() {
+        let rate = (o / 2.0).max(1.0).round();
+        eprintln!("[bench] resident memory at {rate}/s");
+        let (med, max) = resident_memory(&env, rate, if env.quick { 10 } else { 30 }).await?;
+        out.insert(
+            "resident_memory".into(),
+            json!({"rate_per_s": rate, "median_mib": med, "max_mib": max}),
+        );
+        let records = workload(n_mongo);
+        let (mut one, mut three) = (Vec::new(), Vec::new());
+        for _ in 0..env.repeat.min(2) {
+            eprintln!(
+                "[bench] scaling: 1 and 3 processes, {} records",
+                records.len()
+            );
+            one.push(scaling(&env, &records, 1).await?);
+            three.push(scaling(&env, &records, 3).await?);
+        }
+        let (a, b) = (median(one.clone()), median(three.clone()));
+        out.insert(
+            "scaling".into(),
+            json!({"records": records.len(), "one_per_s": one, "three_per_s": three,
+            "median_one_per_s": a, "median_three_per_s": b, "ratio": b / a}),
+        );
+    } else {
+        bail!("BENCH_BIN is not set: build the release binary and point BENCH_BIN at it");
+    }
+
+    let doc = serde_json::to_string_pretty(&Value::Object(out))?;
+    if let Some(path) = std::env::var_os("BENCH_OUT") {
+        std::fs::write(path, &doc)?;
+    }
+    println!("{doc}");
+    Ok(())
+}
+
+/// Median of each percentile over the runs, and the runs.
+fn summarize(runs: Vec<Value>) -> Value {
+    let m = |k: &str| median(runs.iter().filter_map(|r| r[k].as_f64()).collect());
+    json!({"p50_ms": m("p50_ms"), "p99_ms": m("p99_ms"), "p999_ms": m("p999_ms"), "runs": runs})
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    json!({"cpu": cpu, "cores": std::thread::available_parallelism().map_or(0, |n| n.get()), "memory_gib": mem_gib})
+}
