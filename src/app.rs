@@ -91,6 +91,7 @@ pub async fn run_with_registry(
                 health: health.clone(),
                 revoked: revoked.clone(),
                 drain_timeout: config.rebalance_drain_timeout(),
+                commit_issued: Mutex::new(None),
             },
         )
         .context("creating the Kafka consumer (KAFKA_BOOTSTRAP_SERVERS, KAFKA_TOPICS)")?,
@@ -124,7 +125,7 @@ pub async fn run_with_registry(
     let result = lp.run().await;
 
     // Leave cleanly: commit what is finished, flush dead letters, leave the group.
-    lp.commit_finished().await;
+    lp.commit_final().await;
     dead_letters.flush(Duration::from_secs(5));
     let totals = dispatcher.totals();
     info!(
@@ -332,7 +333,8 @@ impl Loop<'_> {
         }
     }
 
-    /// Commits, per partition, up to the first unfinished record.
+    /// Commits, per partition, up to the first unfinished record. Asynchronous: the result is handled by the
+    /// consumer context, and a failed commit is sent again with the next one.
     async fn commit_finished(&mut self) {
         self.last_commit = Instant::now();
         let offsets = match self.tracker.lock() {
@@ -342,19 +344,39 @@ impl Loop<'_> {
         if offsets.is_empty() {
             return;
         }
-        match kafka::commit(&self.consumer, offsets.clone()).await {
+        match kafka::commit_async(&self.consumer, &offsets) {
             Ok(()) => {
-                debug!(?offsets, "Committed");
+                debug!(?offsets, "Commit sent");
                 if let Ok(mut t) = self.tracker.lock() {
                     t.committed(&offsets);
                 }
-                self.health.commit_result(true);
             }
             Err(e) => {
                 // Not fatal: the records are finished and will be committed with the next batch (or redone,
                 // idempotently, by the next owner).
                 error!(error = %e, ?offsets, "Commit failed");
+                metrics::counter!("event_processor_commit_failures_total").increment(1);
                 self.health.commit_result(false);
+            }
+        }
+    }
+
+    /// The last commit before leaving: synchronous, bounded by `SHUTDOWN_TIMEOUT_MS`.
+    async fn commit_final(&mut self) {
+        let offsets = match self.tracker.lock() {
+            Ok(mut t) => t.positions(),
+            Err(_) => return,
+        };
+        match kafka::commit_sync(
+            &self.consumer,
+            offsets.clone(),
+            self.config.shutdown_timeout(),
+        )
+        .await
+        {
+            Ok(()) => info!(?offsets, "Final commit done"),
+            Err(e) => {
+                error!(error = %e, ?offsets, "Final commit failed; the next owner redoes these records")
             }
         }
     }

@@ -100,3 +100,50 @@ fn dockerfile_healthcheck_uses_the_binary_and_runs_as_non_root() {
             .any(|l| l.starts_with("USER ") && !l.contains("root"))
     );
 }
+
+/// Every metric the provisioned Grafana dashboard queries is one the daemon exports (a renamed metric would leave
+/// an empty panel), and compose mounts the provisioning.
+#[test]
+fn grafana_dashboard_queries_only_metrics_the_daemon_exports() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/dashboards/event-processor.json")).unwrap();
+    let mut sources = String::new();
+    for dir in ["src", "src/kafka"] {
+        for entry in std::fs::read_dir(format!("{}/{dir}", env!("CARGO_MANIFEST_DIR"))).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                sources.push_str(&std::fs::read_to_string(path).unwrap());
+            }
+        }
+    }
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(
+        panels.len() >= 4,
+        "throughput, lag, errors and latency panels"
+    );
+    let mut queried = BTreeSet::new();
+    for p in panels {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if let Some(name) = word.strip_prefix("event_processor_") {
+                    let base = name
+                        .trim_end_matches("_bucket")
+                        .trim_end_matches("_sum")
+                        .trim_end_matches("_count");
+                    queried.insert(format!("event_processor_{base}"));
+                }
+            }
+        }
+    }
+    assert!(queried.len() >= 8, "{queried:?}");
+    for metric in &queried {
+        assert!(
+            sources.contains(&format!("\"{metric}\"")),
+            "the dashboard queries {metric}, which the daemon does not export"
+        );
+    }
+    let compose = read("docker-compose.yml");
+    assert!(compose.contains("./deploy/grafana/provisioning:/etc/grafana/provisioning"));
+    assert!(compose.contains("./deploy/grafana/dashboards:/var/lib/grafana/dashboards"));
+}

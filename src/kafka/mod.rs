@@ -31,6 +31,8 @@ pub struct ProcessorContext {
     pub revoked: Arc<Mutex<Vec<Tp>>>,
     /// How long a revoke waits for in-flight records of the revoked partitions.
     pub drain_timeout: Duration,
+    /// When the last asynchronous commit was issued (its callback records the latency).
+    pub commit_issued: Mutex<Option<Instant>>,
 }
 
 impl ProcessorContext {
@@ -139,12 +141,30 @@ impl ConsumerContext for ProcessorContext {
         }
     }
 
+    /// Results of commits (the loop's are asynchronous: it never blocks on the broker). A failed commit is
+    /// forgotten by the tracker, so the next commit sends those offsets again.
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Some(issued) = self.commit_issued.lock().ok().and_then(|mut i| i.take()) {
+            metrics::histogram!("event_processor_commit_duration_seconds")
+                .record(issued.elapsed().as_secs_f64());
+        }
         match result {
-            Ok(()) => tracing::debug!(offsets = ?tpl_to_offsets(offsets), "Offsets committed"),
+            Ok(()) => {
+                tracing::debug!(offsets = ?tpl_to_offsets(offsets), "Offsets committed");
+                self.health.commit_result(true);
+            }
             Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
-                tracing::warn!(error = %e, offsets = ?tpl_to_offsets(offsets), "Offset commit failed")
+                metrics::counter!("event_processor_commit_failures_total").increment(1);
+                let failed: Vec<(Tp, i64)> = tpl_to_offsets(offsets)
+                    .into_iter()
+                    .filter_map(|(topic, partition, next)| Some(((topic, partition), next?)))
+                    .collect();
+                tracing::warn!(error = %e, offsets = ?failed, "Offset commit failed; it is retried with the next one");
+                self.health.commit_result(false);
+                if let Ok(mut t) = self.tracker.lock() {
+                    t.commit_failed(&failed);
+                }
             }
         }
     }
@@ -203,20 +223,39 @@ pub fn create_consumer(config: &Config, context: ProcessorContext) -> KafkaResul
 
 /// Commits the given offsets synchronously on a blocking thread (librdkafka's commit blocks) and records the
 /// latency. Returns whether the broker accepted them.
-pub async fn commit(consumer: &Arc<Kafka>, offsets: Vec<(Tp, i64)>) -> KafkaResult<()> {
+/// Sends a commit without waiting for the broker: the result arrives in
+/// [`ProcessorContext::commit_callback`] on a later poll. A synchronous commit can wait forever while the group
+/// coordinator is away (a broker restart), and the loop must keep polling through that.
+pub fn commit_async(consumer: &Kafka, offsets: &[(Tp, i64)]) -> KafkaResult<()> {
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    if let Ok(mut issued) = consumer.context().commit_issued.lock() {
+        issued.get_or_insert_with(Instant::now);
+    }
+    consumer.commit(&to_tpl(offsets)?, CommitMode::Async)
+}
+
+/// A synchronous commit for the last one before leaving, given up after `timeout`.
+pub async fn commit_sync(
+    consumer: &Arc<Kafka>,
+    offsets: Vec<(Tp, i64)>,
+    timeout: Duration,
+) -> KafkaResult<()> {
     if offsets.is_empty() {
         return Ok(());
     }
     let c = Arc::clone(consumer);
     let started = Instant::now();
-    let res = tokio::task::spawn_blocking(move || {
+    let call = tokio::task::spawn_blocking(move || {
         let tpl = to_tpl(&offsets)?;
         c.commit(&tpl, CommitMode::Sync)
-    })
-    .await
-    .unwrap_or_else(|e| {
-        Err(KafkaError::Canceled).inspect_err(|_| tracing::error!(error = %e, "Commit task failed"))
     });
+    let res = match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(KafkaError::Canceled),
+        Err(_) => Err(KafkaError::Canceled),
+    };
     metrics::histogram!("event_processor_commit_duration_seconds")
         .record(started.elapsed().as_secs_f64());
     if res.is_err() {

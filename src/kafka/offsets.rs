@@ -94,6 +94,30 @@ impl OffsetTracker {
         }
     }
 
+    /// Every partition's position past its finished records, whether or not it was committed already (for the
+    /// last, synchronous commit: earlier asynchronous ones may not have landed).
+    pub fn positions(&mut self) -> Vec<(Tp, i64)> {
+        self.committable();
+        let mut out: Vec<(Tp, i64)> = self
+            .parts
+            .iter()
+            .filter_map(|(tp, p)| Some((tp.clone(), p.next?)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The broker refused these commits: forget that they were sent, so the next commit sends them again.
+    pub fn commit_failed(&mut self, offsets: &[(Tp, i64)]) {
+        for (tp, next) in offsets {
+            if let Some(p) = self.parts.get_mut(tp)
+                && p.committed == Some(*next)
+            {
+                p.committed = None;
+            }
+        }
+    }
+
     /// Forgets partitions that were revoked, returning what of theirs is committable first.
     pub fn revoke(&mut self, revoked: &[Tp]) -> Vec<(Tp, i64)> {
         let out: Vec<_> = self
@@ -132,6 +156,21 @@ mod tests {
             t.finish("t", 0, o);
         }
         assert_eq!(t.committable(), vec![(tp(0), 13)]);
+    }
+
+    #[test]
+    fn a_refused_commit_is_sent_again_and_the_final_commit_sends_every_position() {
+        let mut t = OffsetTracker::new();
+        t.track("t", 0, 0);
+        t.finish("t", 0, 0);
+        let sent = t.committable();
+        assert_eq!(sent, vec![(tp(0), 1)]);
+        t.committed(&sent);
+        assert!(t.committable().is_empty());
+        t.commit_failed(&sent);
+        assert_eq!(t.committable(), vec![(tp(0), 1)], "sent again");
+        t.committed(&sent);
+        assert_eq!(t.positions(), vec![(tp(0), 1)], "committed or not");
     }
 
     #[test]

@@ -1,0 +1,671 @@
+//! Fault injection against the real stack: the daemon runs as its own process (the binary under test) and the
+//! faults are real: `kill -9`, a MongoDB-wire server stopped for 30 s, the Kafka broker restarted, the
+//! dead-letter topic refusing writes. Each scenario ends in a verdict computed from the data: every event id
+//! produced is found in MongoDB (lost = 0) and no counter or list counts an event twice (applied twice = 0).
+//!
+//! Run with `scripts/faults` (which `scripts/test` calls after the other suites): it needs the services of
+//! `scripts/stack`, because it stops and starts them. One scenario at a time (`--test-threads=1`): they share the
+//! broker and the server. Each writes its verdict to `target/faults/<scenario>.json`.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Rec, TestEnv, change_event, committed, new_id, read_all, wait_until};
+use futures::TryStreamExt;
+use mongodb::bson::{Document, doc};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use serde_json::json;
+
+const PARTITIONS: i32 = 6;
+const RECOVERY: Duration = Duration::from_secs(240);
+
+/// The scenarios' workload: sign-ups (users, counted in `user_statistics`) and joins of a few activities (a list
+/// and a counter per activity in `activities`).
+struct Workload {
+    activities: Vec<String>,
+    users: Vec<String>,
+    /// (activity, user) per join.
+    joins: Vec<(String, String)>,
+}
+
+impl Workload {
+    fn new() -> Self {
+        Workload {
+            activities: (0..20).map(|_| new_id()).collect(),
+            users: Vec::new(),
+            joins: Vec::new(),
+        }
+    }
+
+    /// `n` more records: mostly sign-ups, every fifth a join of one of the activities by a new user.
+    fn next(&mut self, n: usize) -> Vec<Rec> {
+        (0..n)
+            .map(|_| {
+                let user = new_id();
+                if (self.users.len() + self.joins.len()) % 5 == 4 {
+                    let activity =
+                        self.activities[self.joins.len() % self.activities.len()].clone();
+                    self.joins.push((activity.clone(), user.clone()));
+                    change_event(
+                        "c",
+                        &new_id(),
+                        &activity,
+                        "ParticipantJoined",
+                        &json!({ "user_id": user }),
+                    )
+                } else {
+                    self.users.push(user.clone());
+                    change_event(
+                        "c",
+                        &new_id(),
+                        &user,
+                        "UserCreated",
+                        &json!({ "email": format!("{user}@example.com") }),
+                    )
+                }
+            })
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.users.len() + self.joins.len()
+    }
+}
+
+/// What MongoDB says about a workload.
+#[derive(Debug, Default, Clone, Copy)]
+struct Verdict {
+    produced: usize,
+    lost: usize,
+    applied_twice: usize,
+}
+
+async fn verdict(env: &TestEnv, w: &Workload) -> Verdict {
+    let users = env.db.collection::<Document>("users");
+    let found = users
+        .count_documents(doc! { "_id": { "$in": &w.users } })
+        .await
+        .unwrap() as usize;
+    // Per activity: the participants listed (each join once) and the counter.
+    let (mut joined, mut listed_over, mut count_over) = (0, 0, 0);
+    for activity in &w.activities {
+        let expected: Vec<&String> = w
+            .joins
+            .iter()
+            .filter(|(a, _)| a == activity)
+            .map(|(_, u)| u)
+            .collect();
+        let doc = env
+            .find_one("activities", doc! { "_id": activity })
+            .await
+            .unwrap_or_default();
+        let listed: Vec<String> = doc
+            .get_array("participants")
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_document()?.get_str("user_id").ok().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let count = doc
+            .get_i32("participant_count")
+            .map(i64::from)
+            .or_else(|_| doc.get_i64("participant_count"))
+            .unwrap_or(0) as usize;
+        joined += expected.iter().filter(|u| listed.contains(u)).count();
+        listed_over += listed.len().saturating_sub(expected.len());
+        count_over += count.saturating_sub(expected.len());
+    }
+    // Sign-ups counted: the buckets' counters and lists, and the derived total.
+    let mut bucket_sum = 0usize;
+    let mut bucket_ids = Vec::new();
+    let mut cur = env
+        .db
+        .collection::<Document>("user_statistics")
+        .find(doc! { "kind": "bucket" })
+        .await
+        .unwrap();
+    while let Some(b) = cur.try_next().await.unwrap() {
+        bucket_sum += b
+            .get_i32("signups")
+            .map(i64::from)
+            .or_else(|_| b.get_i64("signups"))
+            .unwrap_or(0) as usize;
+        for id in b
+            .get_array("event_ids")
+            .map(|a| a.to_vec())
+            .unwrap_or_default()
+        {
+            bucket_ids.push(id.as_str().unwrap_or_default().to_string());
+        }
+    }
+    let distinct_ids = {
+        let mut v = bucket_ids.clone();
+        v.sort();
+        v.dedup();
+        v.len()
+    };
+    let total = env
+        .find_one("user_statistics", doc! { "_id": "totals" })
+        .await
+        .and_then(|t| t.get_i64("total_users").ok())
+        .unwrap_or(0) as usize;
+    let over = |seen: usize, expected: usize| seen.saturating_sub(expected);
+    Verdict {
+        produced: w.len(),
+        lost: (w.users.len() - found)
+            + (w.joins.len() - joined)
+            + w.users.len().saturating_sub(total),
+        applied_twice: listed_over
+            + count_over
+            + over(bucket_sum, w.users.len())
+            + over(bucket_ids.len(), distinct_ids)
+            + over(total, w.users.len()),
+    }
+}
+
+/// Waits until the workload is fully applied; returns the time it took.
+async fn wait_applied(env: &TestEnv, w: &Workload) -> Duration {
+    let started = Instant::now();
+    wait_until("every event applied", RECOVERY, || async {
+        let v = verdict(env, w).await;
+        v.lost == 0
+    })
+    .await;
+    started.elapsed()
+}
+
+fn record(scenario: &str, v: Verdict, dead_lettered: usize, recovery: Duration, note: &str) {
+    let row = json!({
+        "scenario": scenario, "produced": v.produced, "lost": v.lost, "applied_twice": v.applied_twice,
+        "dead_lettered": dead_lettered, "recovery_s": (recovery.as_secs_f64() * 10.0).round() / 10.0, "note": note,
+    });
+    println!("VERDICT {row}");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/faults");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{scenario}.json")), row.to_string()).unwrap();
+    assert_eq!(v.lost, 0, "{scenario}: events lost: {v:?}");
+    assert_eq!(
+        v.applied_twice, 0,
+        "{scenario}: effects applied twice: {v:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The daemon as a process, and the services.
+
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn start(env: &TestEnv, name: &str) -> Proc {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/faults");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{name}.log")))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_event-processor"))
+            .arg("run")
+            .env_clear()
+            .env("KAFKA_BOOTSTRAP_SERVERS", &env.kafka)
+            .env("MONGODB_URI", &env.mongo_uri)
+            .env("MONGODB_DATABASE", &env.db_name)
+            .env("KAFKA_TOPICS", &env.topic)
+            .env("KAFKA_GROUP_ID", &env.group)
+            .env("DLQ_TOPIC", &env.dlq)
+            .env("HTTP_PORT", "0")
+            .env("LOG_LEVEL", "info")
+            .env("LOG_FORMAT", "json")
+            .env("KAFKA_SESSION_TIMEOUT_MS", "10000")
+            .env("SHUTDOWN_TIMEOUT_MS", "5000")
+            .env("RETRY_INITIAL_BACKOFF_MS", "50")
+            .env("RETRY_MAX_BACKOFF_MS", "2000")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("starting the event-processor binary");
+        Proc { child }
+    }
+
+    /// SIGKILL: no drain, no commit, no goodbye to the group.
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, and the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+/// `scripts/stack` with these arguments; the services must be the ones it manages.
+fn stack(args: &[&str]) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let status = Command::new(format!("{root}/scripts/stack"))
+        .args(args)
+        .status()
+        .expect("running scripts/stack");
+    assert!(status.success(), "scripts/stack {args:?} failed");
+}
+
+/// The fault scenarios stop and start services: they must be the local stack's.
+fn require_local_stack() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let ok = Command::new(format!("{root}/scripts/stack"))
+        .arg("status")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "the fault scenarios stop and start services: run them with scripts/faults (local stack up, STACK_* \
+         variables from `scripts/stack env`)"
+    );
+}
+
+/// Produces `per_tick` records every 100 ms for `secs` seconds in the background.
+fn produce_steadily(
+    env: &TestEnv,
+    w: &mut Workload,
+    secs: u64,
+    per_tick: usize,
+) -> tokio::task::JoinHandle<()> {
+    let ticks: Vec<Vec<Rec>> = (0..secs * 10).map(|_| w.next(per_tick)).collect();
+    let (kafka, topic) = (env.kafka.clone(), env.topic.clone());
+    tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        for (i, recs) in ticks.into_iter().enumerate() {
+            tokio::time::sleep_until(start + Duration::from_millis(100 * i as u64)).await;
+            common::produce(&kafka, &topic, &recs).await;
+        }
+    })
+}
+
+fn committed_sum(env: &TestEnv) -> i64 {
+    committed(&env.kafka, &env.group, &env.topic, PARTITIONS)
+        .iter()
+        .map(|o| o.unwrap_or(0))
+        .sum()
+}
+
+async fn users_count(env: &TestEnv) -> u64 {
+    env.count("users", doc! {}).await
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_after_writes_before_commit_then_restart() {
+    require_local_stack();
+    let env = TestEnv::new("kill9", PARTITIONS).await;
+    let mut w = Workload::new();
+    env.produce(&w.next(3000)).await;
+    let p = Proc::start(&env, "kill9-a");
+    wait_until("the first writes", RECOVERY, || async {
+        users_count(&env).await >= 200
+    })
+    .await;
+    p.kill9();
+    let written = users_count(&env).await as i64;
+    let committed_then = tokio::task::spawn_blocking({
+        let (k, g, t) = (env.kafka.clone(), env.group.clone(), env.topic.clone());
+        move || committed(&k, &g, &t, PARTITIONS)
+    })
+    .await
+    .unwrap()
+    .iter()
+    .map(|o| o.unwrap_or(0))
+    .sum::<i64>();
+    let restarted = Instant::now();
+    let p = Proc::start(&env, "kill9-b");
+    wait_applied(&env, &w).await;
+    let recovery = restarted.elapsed();
+    common::wait_committed(&env, PARTITIONS, w.len() as i64, RECOVERY).await;
+    assert!(p.terminate().success());
+    let v = verdict(&env, &w).await;
+    let dead = read_all(&env.kafka, &env.dlq, 0, Duration::from_secs(5)).len();
+    record(
+        "kill_9_before_commit",
+        v,
+        dead,
+        recovery,
+        &format!(
+            "killed with {written} users written and {committed_then} records committed; the restart redid the \
+             uncommitted ones"
+        ),
+    );
+    assert_eq!(dead, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_consumers_one_killed_one_added_while_events_flow() {
+    require_local_stack();
+    let env = TestEnv::new("scale", PARTITIONS).await;
+    let mut w = Workload::new();
+    let mut procs: Vec<Proc> = (0..3)
+        .map(|i| Proc::start(&env, &format!("scale-{i}")))
+        .collect();
+    let producing = produce_steadily(&env, &mut w, 30, 15);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    procs.remove(0).kill9();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    procs.push(Proc::start(&env, "scale-3"));
+    let added = Instant::now();
+    producing.await.unwrap();
+    wait_applied(&env, &w).await;
+    let recovery = added.elapsed();
+    common::wait_committed(&env, PARTITIONS, w.len() as i64, RECOVERY).await;
+    for p in procs {
+        assert!(p.terminate().success());
+    }
+    let v = verdict(&env, &w).await;
+    let dead = read_all(&env.kafka, &env.dlq, 0, Duration::from_secs(5)).len();
+    // The survivors gave partitions up twice (to the others after the kill, to the fourth): their logs show the
+    // revokes and the drains.
+    let logs: String = (1..3)
+        .map(|i| {
+            std::fs::read_to_string(format!(
+                "{}/target/faults/scale-{i}.log",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap_or_default()
+        })
+        .collect();
+    let revokes = logs.matches("Partitions revoked").count();
+    let drains = logs
+        .matches("Drained in-flight records of revoked partitions")
+        .count();
+    assert!(
+        revokes > 0,
+        "adding a consumer revoked partitions of the others"
+    );
+    record(
+        "three_consumers_kill_and_add",
+        v,
+        dead,
+        recovery,
+        &format!(
+            "150 events/s for 30 s; one of three killed at 8 s, a fourth started at 16 s; {revokes} revokes in the \
+             survivors, {drains} of them waited for in-flight records; recovery from the start of the fourth to \
+             the last event applied"
+        ),
+    );
+    assert_eq!(dead, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_stopped_for_30_seconds_under_load() {
+    require_local_stack();
+    let env = TestEnv::new("mongodown", PARTITIONS).await;
+    let mut w = Workload::new();
+    let p = Proc::start(&env, "mongodown");
+    env.produce(&w.next(10)).await;
+    wait_applied(&env, &w).await;
+    let producing = produce_steadily(&env, &mut w, 50, 10);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stack(&["stop", "mongo"]);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    stack(&["start", "mongo"]);
+    let restarted = Instant::now();
+    producing.await.unwrap();
+    wait_applied(&env, &w).await;
+    let recovery = restarted.elapsed();
+    common::wait_committed(&env, PARTITIONS, w.len() as i64, RECOVERY).await;
+    assert!(p.terminate().success());
+    let v = verdict(&env, &w).await;
+    let dead = read_all(&env.kafka, &env.dlq, 0, Duration::from_secs(5)).len();
+    record(
+        "mongodb_stopped_30s",
+        v,
+        dead,
+        recovery,
+        "100 events/s for 50 s, the server stopped from 5 s to 35 s; recovery from its restart to the last event \
+         applied",
+    );
+    assert_eq!(dead, 0, "nothing is dead-lettered for an outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_broker_restarted_under_load() {
+    require_local_stack();
+    let env = TestEnv::new("brokerdown", PARTITIONS).await;
+    let mut w = Workload::new();
+    let p = Proc::start(&env, "brokerdown");
+    env.produce(&w.next(10)).await;
+    wait_applied(&env, &w).await;
+    let producing = produce_steadily(&env, &mut w, 30, 10);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stack(&["stop", "kafka"]);
+    stack(&["start", "kafka"]);
+    let restarted = Instant::now();
+    producing.await.unwrap();
+    wait_applied(&env, &w).await;
+    let recovery = restarted.elapsed();
+    common::wait_committed(&env, PARTITIONS, w.len() as i64, RECOVERY).await;
+    assert!(p.terminate().success());
+    let v = verdict(&env, &w).await;
+    let dead = read_all(&env.kafka, &env.dlq, 0, Duration::from_secs(5)).len();
+    record(
+        "kafka_broker_restarted",
+        v,
+        dead,
+        recovery,
+        "100 events/s for 30 s, the broker stopped (SIGTERM) and started again at 5 s; recovery from its restart \
+         to the last event applied",
+    );
+    assert_eq!(dead, 0);
+}
+
+async fn set_max_message_bytes(kafka: &str, topic: &str, bytes: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()
+        .unwrap();
+    let res = admin
+        .alter_configs(
+            &[AlterConfig::new(ResourceSpecifier::Topic(topic)).set("max.message.bytes", bytes)],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .unwrap();
+    for r in res {
+        r.map_err(|(_, e)| e).expect("alter_configs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_topic_refusing_writes_while_a_poison_record_arrives() {
+    require_local_stack();
+    let env = TestEnv::new("dlqdown", PARTITIONS).await;
+    // The broker refuses every write to the dead-letter topic: even a dead letter without its value is too big.
+    set_max_message_bytes(&env.kafka, &env.dlq, "16").await;
+    let mut w = Workload::new();
+    let p = Proc::start(&env, "dlqdown");
+    let mut before = w.next(10);
+    let poison = Rec::new("poison", "this is not JSON");
+    let mut after = w.next(10);
+    for r in before.iter_mut().chain(after.iter_mut()) {
+        r.partition = Some(0);
+    }
+    let mut all = before;
+    all.push(Rec {
+        partition: Some(0),
+        ..poison
+    });
+    all.append(&mut after);
+    env.produce(&all).await;
+    // Other keys go on; the commit of partition 0 stops at the poison record (offset 10).
+    wait_applied(&env, &w).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        committed(&env.kafka, &env.group, &env.topic, PARTITIONS)[0],
+        Some(10),
+        "nothing past the undelivered dead letter is committed"
+    );
+    assert!(read_all(&env.kafka, &env.dlq, 0, Duration::from_secs(3)).is_empty());
+    set_max_message_bytes(&env.kafka, &env.dlq, "1048588").await;
+    let restored = Instant::now();
+    common::wait_committed(&env, PARTITIONS, 21, RECOVERY).await;
+    let recovery = restored.elapsed();
+    assert!(p.terminate().success());
+    let letters = read_all(&env.kafka, &env.dlq, 1, Duration::from_secs(30));
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        common::header(&letters[0], "dlq.original.offset").as_deref(),
+        Some("10")
+    );
+    let mut v = verdict(&env, &w).await;
+    v.produced += 1; // the poison record
+    record(
+        "dead_letter_topic_unavailable",
+        v,
+        letters.len(),
+        recovery,
+        "20 events and 1 poison record on one partition while the broker refused dead letters; the commit stayed \
+         at the poison record until the dead letter was accepted",
+    );
+    assert_eq!(committed_sum(&env), 21);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payload_over_mongodb_document_limit_is_dead_lettered_and_the_partition_moves_on() {
+    require_local_stack();
+    let env = TestEnv::new("toobig", 1).await;
+    // The topic takes records up to 24 MB, so a sign-up whose document would pass MongoDB's 16 MiB limit arrives.
+    set_max_message_bytes(&env.kafka, &env.topic, "25000000").await;
+    let mut w = Workload::new();
+    let huge_user = new_id();
+    let huge = change_event(
+        "c",
+        &new_id(),
+        &huge_user,
+        "UserCreated",
+        &json!({ "email": "huge@example.com", "bio": "x".repeat(17 * 1024 * 1024) }),
+    );
+    let mut records = w.next(5);
+    records.push(huge);
+    records.append(&mut w.next(5));
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka)
+        .set("message.max.bytes", "30000000")
+        .create()
+        .unwrap();
+    for r in &records {
+        let rec = rdkafka::producer::FutureRecord::to(&env.topic)
+            .key(r.key.as_deref().unwrap())
+            .payload(r.value.as_deref().unwrap());
+        producer
+            .send(rec, Duration::from_secs(60))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("producing");
+    }
+    let started = Instant::now();
+    let p = Proc::start(&env, "toobig");
+    common::wait_committed(&env, 1, records.len() as i64, RECOVERY).await;
+    let took = started.elapsed();
+    assert!(p.terminate().success());
+    let letters = read_all(&env.kafka, &env.dlq, 1, Duration::from_secs(30));
+    assert_eq!(
+        letters.len(),
+        1,
+        "the oversized event is dead-lettered once"
+    );
+    assert_eq!(
+        common::header(&letters[0], "dlq.original.offset").as_deref(),
+        Some("5")
+    );
+    assert_eq!(
+        common::header(&letters[0], "dlq.handler").as_deref(),
+        Some("UserCreatedHandler")
+    );
+    assert!(
+        env.find_one("users", doc! { "_id": &huge_user })
+            .await
+            .is_none()
+    );
+    // The statistics handler counted the sign-up (a sibling succeeds alone); its missing users document is the
+    // one the dead letter accounts for.
+    w.users.push(huge_user);
+    let mut v = verdict(&env, &w).await;
+    assert_eq!(
+        v.lost, 1,
+        "only the dead-lettered users document is missing"
+    );
+    v.lost = 0;
+    record(
+        "document_over_16_mib",
+        v,
+        letters.len(),
+        took,
+        "a sign-up whose document would exceed 16 MiB between 10 good events on one partition: dead-lettered \
+         (value omitted: too large for the dead-letter topic), the rest applied; time = start to all committed",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_joined_before_its_activity_created() {
+    require_local_stack();
+    let env = TestEnv::new("outoforder", PARTITIONS).await;
+    let activity = new_id();
+    let joiners: Vec<String> = (0..3).map(|_| new_id()).collect();
+    let mut records: Vec<Rec> = joiners
+        .iter()
+        .map(|u| {
+            change_event(
+                "c",
+                &new_id(),
+                &activity,
+                "ParticipantJoined",
+                &json!({ "user_id": u }),
+            )
+        })
+        .collect();
+    records.push(change_event(
+        "c",
+        &new_id(),
+        &activity,
+        "ActivityCreated",
+        &json!({ "title": "Late", "organizer_id": new_id() }),
+    ));
+    env.produce(&records).await;
+    // And all of it once more (a redelivery), which must change nothing.
+    env.produce(&records).await;
+    let started = Instant::now();
+    let p = Proc::start(&env, "outoforder");
+    common::wait_committed(&env, PARTITIONS, 2 * records.len() as i64, RECOVERY).await;
+    let took = started.elapsed();
+    assert!(p.terminate().success());
+    let a = env
+        .find_one("activities", doc! { "_id": &activity })
+        .await
+        .expect("the activity document");
+    assert_eq!(a.get_str("title").unwrap(), "Late");
+    let w = Workload {
+        activities: vec![activity.clone()],
+        users: Vec::new(),
+        joins: joiners.into_iter().map(|u| (activity.clone(), u)).collect(),
+    };
+    let mut v = verdict(&env, &w).await;
+    v.produced = 2 * records.len();
+    let dead = read_all(&env.kafka, &env.dlq, 0, Duration::from_secs(5)).len();
+    record(
+        "participant_joined_before_activity_created",
+        v,
+        dead,
+        took,
+        "3 joins, then their ActivityCreated, all delivered twice: title set, 3 participants counted once",
+    );
+    assert_eq!(dead, 0);
+}
