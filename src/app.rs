@@ -258,10 +258,12 @@ impl Loop<'_> {
     /// Pauses every assigned partition once it has been `full` for [`PAUSE_AFTER`], resumes those still assigned
     /// when not.
     fn flow_control(&mut self, full: bool) {
-        if !full {
+        let since = if full {
+            *self.full_since.get_or_insert_with(Instant::now)
+        } else {
             self.full_since = None;
-        }
-        let since = *self.full_since.get_or_insert_with(Instant::now);
+            Instant::now()
+        };
         if full && self.paused.is_none() && since.elapsed() >= PAUSE_AFTER {
             if let Ok(a) = self.consumer.assignment() {
                 match self.consumer.pause(&a) {
