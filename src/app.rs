@@ -1,5 +1,6 @@
-//! Wiring and the consumer loop: poll a batch, process it, commit what is finished, repeat; drain and commit on
-//! shutdown. Owns the order of these steps; never decodes or writes read models itself.
+//! Wiring and the consumer loop: poll a batch, hand it to the keyed lanes (`dispatch`), commit what has finished,
+//! repeat, with backpressure at `PROCESSING_MAX_IN_FLIGHT`; drain and commit on shutdown. Owns the order of these
+//! steps; never decodes or writes read models itself.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
