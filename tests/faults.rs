@@ -398,19 +398,26 @@ async fn three_consumers_one_killed_one_added_while_events_flow() {
     assert_eq!(dead, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mongodb_stopped_for_30_seconds_under_load() {
+/// A service of the stack stopped 5 s into `secs` seconds of 100 events/s, and started again after `down_for`.
+/// Nothing may be dead-lettered for an outage.
+async fn outage_under_load(
+    service: &str,
+    down_for: Duration,
+    secs: u64,
+    scenario: &str,
+    note: &str,
+) {
     require_local_stack();
-    let env = TestEnv::new("mongodown", PARTITIONS).await;
+    let env = TestEnv::new(&format!("{service}down"), PARTITIONS).await;
     let mut w = Workload::new();
-    let p = Proc::start(&env, "mongodown");
+    let p = Proc::start(&env, &format!("{service}down"));
     env.produce(&w.next(10)).await;
     wait_finished(&env, w.len()).await;
-    let producing = produce_steadily(&env, &mut w, 50, 10);
+    let producing = produce_steadily(&env, &mut w, secs, 10);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    stack(&["stop", "mongo"]);
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    stack(&["start", "mongo"]);
+    stack(&["stop", service]);
+    tokio::time::sleep(down_for).await;
+    stack(&["start", service]);
     let restarted = Instant::now();
     producing.await.unwrap();
     wait_finished(&env, w.len()).await;
@@ -418,45 +425,34 @@ async fn mongodb_stopped_for_30_seconds_under_load() {
     assert!(p.terminate().success());
     let v = verdict(&env, &w).await;
     let dead = read_all(&env.kafka, &env.dlq, 0, Duration::from_secs(5)).len();
-    record(
-        "mongodb_stopped_30s",
-        v,
-        dead,
-        recovery,
-        "100 events/s for 50 s, the server stopped from 5 s to 35 s; recovery from its restart to the last record \
-         committed",
-    );
+    record(scenario, v, dead, recovery, note);
     assert_eq!(dead, 0, "nothing is dead-lettered for an outage");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_stopped_for_30_seconds_under_load() {
+    outage_under_load(
+        "mongo",
+        Duration::from_secs(30),
+        50,
+        "mongodb_stopped_30s",
+        "100 events/s for 50 s, the server stopped from 5 s to 35 s; recovery from its restart to the last record \
+         committed",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_broker_restarted_under_load() {
-    require_local_stack();
-    let env = TestEnv::new("brokerdown", PARTITIONS).await;
-    let mut w = Workload::new();
-    let p = Proc::start(&env, "brokerdown");
-    env.produce(&w.next(10)).await;
-    wait_finished(&env, w.len()).await;
-    let producing = produce_steadily(&env, &mut w, 30, 10);
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    stack(&["stop", "kafka"]);
-    stack(&["start", "kafka"]);
-    let restarted = Instant::now();
-    producing.await.unwrap();
-    wait_finished(&env, w.len()).await;
-    let recovery = restarted.elapsed();
-    assert!(p.terminate().success());
-    let v = verdict(&env, &w).await;
-    let dead = read_all(&env.kafka, &env.dlq, 0, Duration::from_secs(5)).len();
-    record(
+    outage_under_load(
+        "kafka",
+        Duration::ZERO,
+        30,
         "kafka_broker_restarted",
-        v,
-        dead,
-        recovery,
         "100 events/s for 30 s, the broker stopped (SIGTERM) and started again at 5 s; recovery from its restart \
          to the last record committed",
-    );
-    assert_eq!(dead, 0);
+    )
+    .await;
 }
 
 async fn set_max_message_bytes(kafka: &str, topic: &str, bytes: &str) {
