@@ -274,3 +274,39 @@ fn timestamps_with_microseconds_and_large_integers_are_exact() {
     let v: Value = serde_json::from_str(r#"{"ts_ns":1795706161873418715}"#).unwrap();
     assert_eq!(v["ts_ns"].as_i64(), Some(1_795_706_161_873_418_715));
 }
+
+/// The fast path (bare raw change events) and the general path (the same event schema-wrapped) agree, also on
+/// escaped text, absent optional fields and a numeric timestamp (which only the general path reads).
+#[test]
+fn fast_and_general_paths_give_the_same_event() {
+    let rows = [
+        json!({"event_id": "6f1c2a8e-2b7c-4d1e-9a55-0c1f0e3d9b21", "aggregate_id": "a\"b", "aggregate_type": "user",
+               "event_type": "UserCreated", "payload": "{\"email\":\"\\u00e9@example.com\",\"n\":[1,{\"x\":null}]}",
+               "created_at": "2026-11-26T15:16:01.817235Z"}),
+        json!({"event_id": "6f1c2a8e-2b7c-4d1e-9a55-0c1f0e3d9b22", "aggregate_id": "b", "event_type": "T",
+               "payload": "null", "created_at": null}),
+        json!({"event_id": "6f1c2a8e-2b7c-4d1e-9a55-0c1f0e3d9b23", "aggregate_id": "c", "event_type": "T",
+               "payload": "{}", "created_at": 1_795_706_161_000i64}),
+    ];
+    for row in rows {
+        let bare =
+            json!({"before": null, "after": row, "op": "c", "source": {"name": "x"}}).to_string();
+        let wrapped =
+            json!({"schema": {"type": "struct"}, "payload": {"after": row, "op": "c"}}).to_string();
+        let fast = decode(&message("t", None, Some(bare.as_bytes()), &[])).unwrap();
+        let general = decode(&message("t", None, Some(wrapped.as_bytes()), &[])).unwrap();
+        match (fast, general) {
+            (Decoded::Event(a), Decoded::Event(b)) => assert_eq!(a, b),
+            other => panic!("{other:?}"),
+        }
+    }
+    // What the fast path refuses still gets the general path's error.
+    let bad = json!({"op": "c", "after": {"event_id": "nope", "aggregate_id": "a", "event_type": "T", "payload": "{}"}});
+    assert!(matches!(
+        decode(&message("t", None, Some(bad.to_string().as_bytes()), &[])),
+        Err(DecodeError::BadField {
+            field: "event_id",
+            ..
+        })
+    ));
+}
