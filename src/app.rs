@@ -106,6 +106,7 @@ pub async fn run_with_registry(
         dead_letters: dead_letters.clone(),
         settings: ProcessingSettings::from_config(&config),
         cancel: work_cancel.clone(),
+        metrics: Default::default(),
     });
     let dispatcher = Dispatcher::new(processor, tracker.clone());
     let mut lp = Loop {
@@ -241,8 +242,8 @@ impl Loop<'_> {
             }
             self.drop_revoked();
         }
-        let linger = Duration::from_millis(self.config.kafka_poll_linger_ms);
-        let deadline = tokio::time::Instant::now() + linger;
+        let linger = tokio::time::sleep(Duration::from_millis(self.config.kafka_poll_linger_ms));
+        tokio::pin!(linger);
         while batch.len() < max {
             tokio::select! {
                 biased;
@@ -250,7 +251,7 @@ impl Loop<'_> {
                     Ok(m) => batch.push(m.detach()),
                     Err(e) => { self.recv_error(e).await; break; }
                 },
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = &mut linger => break,
             }
         }
         Some(batch)

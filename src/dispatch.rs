@@ -8,9 +8,12 @@
 //! (revoked meanwhile) is not run.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use foldhash::fast::RandomState;
 
 use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::{Notify, Semaphore};
@@ -19,8 +22,9 @@ use tracing::info;
 use crate::kafka::OffsetTracker;
 use crate::pipeline::{BatchStats, Processor, RecordOutcome};
 
-/// A lane: one key of one partition.
-type LaneKey = (String, i32, Option<Vec<u8>>);
+/// A lane: the hash of (topic, partition, Kafka key). Two keys whose hashes collide share a lane: each keeps
+/// its order, they merely do not run concurrently.
+type LaneKey = u64;
 
 struct Item {
     msg: OwnedMessage,
@@ -30,9 +34,49 @@ struct Item {
 /// The records submitted together: counted until the last one ends, then logged as one batch.
 struct Batch {
     started: Instant,
+    records: usize,
     remaining: AtomicUsize,
-    stats: Mutex<BatchStats>,
+    counts: Counts,
     done: Notify,
+}
+
+/// Outcome counters, updated without a lock.
+#[derive(Default)]
+struct Counts {
+    processed: AtomicU64,
+    skipped: AtomicU64,
+    dead_lettered: AtomicU64,
+    abandoned: AtomicU64,
+}
+
+impl Counts {
+    fn add(&self, outcome: RecordOutcome) {
+        let counter = match outcome {
+            RecordOutcome::Processed { dead_lettered } => {
+                self.dead_lettered
+                    .fetch_add(dead_lettered as u64, Ordering::Relaxed);
+                &self.processed
+            }
+            RecordOutcome::Skipped => &self.skipped,
+            RecordOutcome::DeadLettered => &self.dead_lettered,
+            RecordOutcome::Abandoned => &self.abandoned,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    fn stats(&self, records: usize) -> BatchStats {
+        BatchStats {
+            records,
+            processed: Self::get(&self.processed) as usize,
+            skipped: Self::get(&self.skipped) as usize,
+            dead_lettered: Self::get(&self.dead_lettered) as usize,
+            abandoned: Self::get(&self.abandoned) as usize,
+        }
+    }
 }
 
 /// Totals since start.
@@ -47,11 +91,14 @@ pub struct Totals {
 struct Inner {
     processor: Arc<Processor>,
     tracker: Arc<Mutex<OffsetTracker>>,
-    lanes: Mutex<HashMap<LaneKey, VecDeque<Item>>>,
+    lanes: Mutex<HashMap<LaneKey, VecDeque<Item>, RandomState>>,
+    hasher: RandomState,
     permits: Semaphore,
     in_flight: AtomicUsize,
+    in_flight_gauge: metrics::Gauge,
     progress: Notify,
-    totals: Mutex<Totals>,
+    /// Since start: processed, skipped, errors (dead-lettered records and handlers), abandoned.
+    totals: Counts,
 }
 
 /// Runs submitted records in keyed lanes. Cheap to clone.
@@ -69,7 +116,7 @@ impl BatchHandle {
         loop {
             let notified = self.0.done.notified();
             if self.0.remaining.load(Ordering::SeqCst) == 0 {
-                return self.0.stats.lock().map(|s| *s).unwrap_or_default();
+                return self.0.counts.stats(self.0.records);
             }
             notified.await;
         }
@@ -83,11 +130,13 @@ impl Dispatcher {
             inner: Arc::new(Inner {
                 processor,
                 tracker,
-                lanes: Mutex::new(HashMap::new()),
+                lanes: Mutex::new(HashMap::default()),
+                hasher: RandomState::default(),
                 permits: Semaphore::new(concurrency),
                 in_flight: AtomicUsize::new(0),
+                in_flight_gauge: metrics::gauge!("event_processor_in_flight_records"),
                 progress: Notify::new(),
-                totals: Mutex::new(Totals::default()),
+                totals: Counts::default(),
             }),
         }
     }
@@ -96,11 +145,9 @@ impl Dispatcher {
     pub fn submit(&self, records: Vec<OwnedMessage>) -> BatchHandle {
         let batch = Arc::new(Batch {
             started: Instant::now(),
+            records: records.len(),
             remaining: AtomicUsize::new(records.len()),
-            stats: Mutex::new(BatchStats {
-                records: records.len(),
-                ..Default::default()
-            }),
+            counts: Counts::default(),
             done: Notify::new(),
         });
         if records.is_empty() {
@@ -117,16 +164,15 @@ impl Dispatcher {
             .in_flight
             .fetch_add(records.len(), Ordering::SeqCst)
             + records.len();
-        metrics::gauge!("event_processor_in_flight_records").set(n as f64);
+        self.inner.in_flight_gauge.set(n as f64);
         let Ok(mut lanes) = self.inner.lanes.lock() else {
             return BatchHandle(batch);
         };
         for msg in records {
-            let key = (
-                msg.topic().to_string(),
-                msg.partition(),
-                msg.key().map(<[u8]>::to_vec),
-            );
+            let key = self
+                .inner
+                .hasher
+                .hash_one((msg.topic(), msg.partition(), msg.key()));
             let item = Item {
                 msg,
                 batch: batch.clone(),
@@ -134,7 +180,7 @@ impl Dispatcher {
             match lanes.get_mut(&key) {
                 Some(queue) => queue.push_back(item),
                 None => {
-                    lanes.insert(key.clone(), VecDeque::new());
+                    lanes.insert(key, VecDeque::new());
                     tokio::spawn(run_lane(self.inner.clone(), key, item));
                 }
             }
@@ -153,7 +199,7 @@ impl Dispatcher {
     }
 
     pub fn totals(&self) -> Totals {
-        self.inner.totals.lock().map(|t| *t).unwrap_or_default()
+        self.inner.totals()
     }
 }
 
@@ -203,38 +249,32 @@ impl Inner {
         {
             t.finish(msg.topic(), msg.partition(), msg.offset());
         }
-        if let Ok(mut t) = self.totals.lock() {
-            match outcome {
-                RecordOutcome::Processed { dead_lettered } => {
-                    t.processed += 1;
-                    t.errors += dead_lettered as u64;
-                }
-                RecordOutcome::Skipped => t.skipped += 1,
-                RecordOutcome::DeadLettered => t.errors += 1,
-                RecordOutcome::Abandoned => t.abandoned += 1,
-            }
-        }
-        if let Ok(mut s) = item.batch.stats.lock() {
-            s.add(outcome);
-        }
+        self.totals.add(outcome);
+        item.batch.counts.add(outcome);
         let n = self
             .in_flight
             .fetch_sub(1, Ordering::SeqCst)
             .saturating_sub(1);
-        metrics::gauge!("event_processor_in_flight_records").set(n as f64);
+        self.in_flight_gauge.set(n as f64);
         if item.batch.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
-            batch_done(
-                &item.batch,
-                msg,
-                self.totals.lock().map(|t| *t).unwrap_or_default(),
-            );
+            batch_done(&item.batch, msg, self.totals());
         }
         self.progress.notify_one();
+    }
+
+    fn totals(&self) -> Totals {
+        let t = &self.totals;
+        Totals {
+            processed: Counts::get(&t.processed),
+            skipped: Counts::get(&t.skipped),
+            errors: Counts::get(&t.dead_lettered),
+            abandoned: Counts::get(&t.abandoned),
+        }
     }
 }
 
 fn batch_done(batch: &Batch, last: &OwnedMessage, totals: Totals) {
-    let s = batch.stats.lock().map(|s| *s).unwrap_or_default();
+    let s = batch.counts.stats(batch.records);
     if let Some(ts) = last.timestamp().to_millis() {
         let lag = (crate::health::now_ms() - ts).max(0) as f64 / 1000.0;
         metrics::gauge!("event_processor_last_batch_lag_seconds").set(lag);

@@ -17,6 +17,7 @@ use crate::decode::{Decoded, decode};
 use crate::dlq::{DeadLetter, DeadLetterSink};
 use crate::event::OutboxEvent;
 use crate::registry::{EventHandler, HandlerContext, HandlerError, Registry};
+pub use handles::RecordMetrics;
 
 /// Retry and concurrency settings.
 #[derive(Debug, Clone)]
@@ -69,21 +70,6 @@ pub struct BatchStats {
     pub abandoned: usize,
 }
 
-impl BatchStats {
-    /// Counts one record's outcome.
-    pub fn add(&mut self, outcome: RecordOutcome) {
-        match outcome {
-            RecordOutcome::Processed { dead_lettered } => {
-                self.processed += 1;
-                self.dead_lettered += dead_lettered;
-            }
-            RecordOutcome::Skipped => self.skipped += 1,
-            RecordOutcome::DeadLettered => self.dead_lettered += 1,
-            RecordOutcome::Abandoned => self.abandoned += 1,
-        }
-    }
-}
-
 /// Everything a record needs to be processed. Cheap to share.
 pub struct Processor {
     pub registry: Arc<Registry>,
@@ -92,6 +78,8 @@ pub struct Processor {
     pub settings: ProcessingSettings,
     /// Cancelled on shutdown: retries stop, records not yet started are abandoned.
     pub cancel: CancellationToken,
+    /// Metric handles of the per-record path.
+    pub metrics: RecordMetrics,
 }
 
 /// One handler's fate for one event.
@@ -108,8 +96,7 @@ impl Processor {
         let topic = msg.topic();
         let partition = msg.partition();
         let offset = msg.offset();
-        metrics::counter!("event_processor_records_consumed_total", "topic" => topic.to_string())
-            .increment(1);
+        self.metrics.topic(topic).consumed.increment(1);
         match decode(msg) {
             Err(e) => {
                 warn!(topic, partition, offset, error = %e, error_class = e.class(), "Undecodable record; dead-lettering it");
@@ -167,7 +154,9 @@ impl Processor {
         if results.contains(&HandlerOutcome::Abandoned) {
             return RecordOutcome::Abandoned;
         }
-        metrics::counter!("event_processor_records_total", "topic" => event.source.topic.clone(), "outcome" => "processed")
+        self.metrics
+            .topic(&event.source.topic)
+            .processed
             .increment(1);
         RecordOutcome::Processed {
             dead_lettered: results
@@ -203,6 +192,7 @@ impl Processor {
         event: &OutboxEvent,
     ) -> HandlerOutcome {
         let name = handler.name();
+        let handler_metrics = self.metrics.handler(name, &event.event_type);
         let mut failures: u32 = 0;
         let mut attempt: u32 = 0;
         loop {
@@ -214,12 +204,12 @@ impl Processor {
             ))
             .catch_unwind()
             .await;
-            metrics::histogram!("event_processor_handler_duration_seconds", "handler" => name.to_string())
+            handler_metrics
+                .duration
                 .record(started.elapsed().as_secs_f64());
             let (class, err): (&str, String) = match call {
                 Ok(Ok(Ok(()))) => {
-                    metrics::counter!("event_processor_handler_results_total", "handler" => name.to_string(), "event_type" => event.event_type.clone(), "outcome" => "ok")
-                        .increment(1);
+                    handler_metrics.ok.increment(1);
                     return HandlerOutcome::Ok;
                 }
                 Ok(Ok(Err(HandlerError::Transient(e)))) => ("transient", format!("{e:#}")),
@@ -316,5 +306,6 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
+mod handles;
 #[cfg(test)]
 mod tests;

@@ -84,6 +84,7 @@ pub async fn replay_dead_letters(
         dead_letters: Arc::new(KafkaDeadLetters::new(&config)?),
         settings: ProcessingSettings::from_config(&config),
         cancel: shutdown.clone(),
+        metrics: Default::default(),
     };
     let group = format!(
         "{}.dlq-replay.{}",

@@ -2,24 +2,40 @@
 //! to Kafka. The rule: a partition's committed offset is the first offset not yet finished (Kafka wants
 //! "last finished + 1"), so it never passes an unfinished record.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 
 /// A topic-partition.
 pub type Tp = (String, i32);
 
 #[derive(Default, Debug)]
 struct PartitionState {
-    /// Offsets taken into processing and whether each is finished.
-    pending: BTreeMap<i64, bool>,
+    /// Offsets taken into processing, ascending, and whether each is finished. Records arrive in offset order,
+    /// so tracking appends and finishing is a binary search.
+    pending: VecDeque<(i64, bool)>,
     /// The next offset to consume, as last computed for commit.
     next: Option<i64>,
     /// The next offset last committed.
     committed: Option<i64>,
 }
 
+impl PartitionState {
+    fn slot(&mut self, offset: i64) -> Option<&mut bool> {
+        let i = self
+            .pending
+            .binary_search_by_key(&offset, |(o, _)| *o)
+            .ok()?;
+        self.pending.get_mut(i).map(|(_, done)| done)
+    }
+
+    fn unfinished(&self) -> usize {
+        self.pending.iter().filter(|(_, done)| !*done).count()
+    }
+}
+
+/// Keyed by topic, then partition, so that the per-record calls look up without allocating.
 #[derive(Default, Debug)]
 pub struct OffsetTracker {
-    parts: HashMap<Tp, PartitionState>,
+    parts: HashMap<String, HashMap<i32, PartitionState>>,
 }
 
 impl OffsetTracker {
@@ -27,39 +43,66 @@ impl OffsetTracker {
         Self::default()
     }
 
+    fn get(&self, topic: &str, partition: i32) -> Option<&PartitionState> {
+        self.parts.get(topic)?.get(&partition)
+    }
+
+    fn get_mut(&mut self, topic: &str, partition: i32) -> Option<&mut PartitionState> {
+        self.parts.get_mut(topic)?.get_mut(&partition)
+    }
+
+    fn all_mut(&mut self) -> impl Iterator<Item = (Tp, &mut PartitionState)> {
+        self.parts.iter_mut().flat_map(|(topic, ps)| {
+            ps.iter_mut()
+                .map(move |(partition, p)| ((topic.clone(), *partition), p))
+        })
+    }
+
     /// A record enters processing.
     pub fn track(&mut self, topic: &str, partition: i32, offset: i64) {
-        self.parts
-            .entry((topic.to_string(), partition))
-            .or_default()
-            .pending
-            .insert(offset, false);
+        let p = match self.get_mut(topic, partition) {
+            Some(p) => p,
+            None => self
+                .parts
+                .entry(topic.to_string())
+                .or_default()
+                .entry(partition)
+                .or_default(),
+        };
+        match p.pending.back() {
+            None => p.pending.push_back((offset, false)),
+            Some((last, _)) if *last < offset => p.pending.push_back((offset, false)),
+            // Out of order (never expected from one consumer): keep the deque sorted.
+            Some(_) => match p.pending.binary_search_by_key(&offset, |(o, _)| *o) {
+                Ok(i) => p.pending[i].1 = false,
+                Err(i) => p.pending.insert(i, (offset, false)),
+            },
+        }
     }
 
     /// A record is finished: every handler succeeded, or its failure was dead-lettered and acknowledged.
     /// Unknown partitions (revoked meanwhile) are ignored.
     pub fn finish(&mut self, topic: &str, partition: i32, offset: i64) {
-        if let Some(p) = self.parts.get_mut(&(topic.to_string(), partition))
-            && let Some(done) = p.pending.get_mut(&offset)
-        {
+        if let Some(done) = self.get_mut(topic, partition).and_then(|p| p.slot(offset)) {
             *done = true;
         }
     }
 
     /// The record is taken into processing and not finished: its partition is still ours.
     pub fn is_pending(&self, topic: &str, partition: i32, offset: i64) -> bool {
-        self.parts
-            .get(&(topic.to_string(), partition))
-            .and_then(|p| p.pending.get(&offset))
-            .is_some_and(|done| !*done)
+        self.get(topic, partition).is_some_and(|p| {
+            p.pending
+                .binary_search_by_key(&offset, |(o, _)| *o)
+                .is_ok_and(|i| !p.pending[i].1)
+        })
     }
 
     /// Records of these partitions taken into processing and not finished.
     pub fn unfinished_in(&self, partitions: &[Tp]) -> usize {
         partitions
             .iter()
-            .filter_map(|tp| self.parts.get(tp))
-            .map(|p| p.pending.values().filter(|d| !**d).count())
+            .filter_map(|(topic, partition)| self.get(topic, *partition))
+            .map(PartitionState::unfinished)
             .sum()
     }
 
@@ -67,18 +110,15 @@ impl OffsetTracker {
     /// past what was committed.
     pub fn committable(&mut self) -> Vec<(Tp, i64)> {
         let mut out = Vec::new();
-        for (tp, p) in &mut self.parts {
-            while let Some((&offset, &done)) = p.pending.first_key_value() {
-                if !done {
-                    break;
-                }
-                p.pending.pop_first();
+        for (tp, p) in self.all_mut() {
+            while let Some(&(offset, true)) = p.pending.front() {
+                p.pending.pop_front();
                 p.next = Some(offset + 1);
             }
             if let Some(next) = p.next
                 && p.committed.is_none_or(|c| next > c)
             {
-                out.push((tp.clone(), next));
+                out.push((tp, next));
             }
         }
         out.sort();
@@ -87,8 +127,8 @@ impl OffsetTracker {
 
     /// The broker accepted these commits.
     pub fn committed(&mut self, offsets: &[(Tp, i64)]) {
-        for (tp, next) in offsets {
-            if let Some(p) = self.parts.get_mut(tp) {
+        for ((topic, partition), next) in offsets {
+            if let Some(p) = self.get_mut(topic, *partition) {
                 p.committed = Some(p.committed.map_or(*next, |c| c.max(*next)));
             }
         }
@@ -99,9 +139,8 @@ impl OffsetTracker {
     pub fn positions(&mut self) -> Vec<(Tp, i64)> {
         self.committable();
         let mut out: Vec<(Tp, i64)> = self
-            .parts
-            .iter()
-            .filter_map(|(tp, p)| Some((tp.clone(), p.next?)))
+            .all_mut()
+            .filter_map(|(tp, p)| Some((tp, p.next?)))
             .collect();
         out.sort();
         out
@@ -109,8 +148,8 @@ impl OffsetTracker {
 
     /// The broker refused these commits: forget that they were sent, so the next commit sends them again.
     pub fn commit_failed(&mut self, offsets: &[(Tp, i64)]) {
-        for (tp, next) in offsets {
-            if let Some(p) = self.parts.get_mut(tp)
+        for ((topic, partition), next) in offsets {
+            if let Some(p) = self.get_mut(topic, *partition)
                 && p.committed == Some(*next)
             {
                 p.committed = None;
@@ -125,8 +164,13 @@ impl OffsetTracker {
             .into_iter()
             .filter(|(tp, _)| revoked.contains(tp))
             .collect();
-        for tp in revoked {
-            self.parts.remove(tp);
+        for (topic, partition) in revoked {
+            if let Some(ps) = self.parts.get_mut(topic) {
+                ps.remove(partition);
+                if ps.is_empty() {
+                    self.parts.remove(topic);
+                }
+            }
         }
         out
     }
@@ -135,7 +179,8 @@ impl OffsetTracker {
     pub fn in_flight(&self) -> usize {
         self.parts
             .values()
-            .map(|p| p.pending.values().filter(|d| !**d).count())
+            .flat_map(HashMap::values)
+            .map(PartitionState::unfinished)
             .sum()
     }
 }
@@ -187,6 +232,22 @@ mod tests {
         assert_eq!(t.in_flight(), 1);
         t.finish("t", 0, 2);
         assert_eq!(t.committable(), vec![(tp(0), 5)]);
+    }
+
+    #[test]
+    fn an_offset_tracked_out_of_order_or_twice_keeps_the_order() {
+        let mut t = OffsetTracker::new();
+        t.track("t", 0, 5);
+        t.track("t", 0, 3);
+        t.track("t", 0, 5);
+        t.finish("t", 0, 3);
+        assert!(t.is_pending("t", 0, 5));
+        assert!(!t.is_pending("t", 0, 3));
+        assert!(!t.is_pending("t", 0, 4), "never tracked");
+        assert_eq!(t.committable(), vec![(tp(0), 4)]);
+        t.finish("t", 0, 5);
+        assert_eq!(t.committable(), vec![(tp(0), 6)]);
+        assert_eq!(t.in_flight(), 0);
     }
 
     #[test]

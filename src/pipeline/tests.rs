@@ -137,6 +137,7 @@ fn processor(handlers: Vec<Arc<TestHandler>>, sink: Arc<Sink>) -> Processor {
             max_backoff: Duration::from_millis(100),
         },
         cancel: CancellationToken::new(),
+        metrics: Default::default(),
     }
 }
 
