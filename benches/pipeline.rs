@@ -202,20 +202,30 @@ fn consumer_config(env: &Env, group: &str) -> ClientConfig {
     c
 }
 
+/// The daemon's configuration: defaults, plus any `BENCH_DAEMON_<VARIABLE>` of the environment as `<VARIABLE>`
+/// (e.g. `BENCH_DAEMON_PROCESSING_CONCURRENCY=256`) to measure other settings.
 fn daemon_config(env: &Env, topic: &str, db: &str) -> anyhow::Result<Config> {
-    Ok(Config::from_vars([
-        ("KAFKA_BOOTSTRAP_SERVERS".to_string(), env.kafka.clone()),
-        ("KAFKA_TOPICS".into(), topic.to_string()),
-        ("KAFKA_GROUP_ID".into(), format!("{db}_group")),
-        ("MONGODB_URI".into(), env.mongo.clone()),
-        ("MONGODB_DATABASE".into(), db.to_string()),
-        ("DLQ_TOPIC".into(), format!("{db}.dlq")),
-        ("HTTP_PORT".into(), "0".into()),
-        (
-            "LOG_LEVEL".into(),
-            std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
-        ),
-    ])?)
+    let overrides = std::env::vars().filter_map(|(k, v)| {
+        k.strip_prefix("BENCH_DAEMON_")
+            .map(|k| (k.to_string(), v.clone()))
+    });
+    Ok(Config::from_vars(
+        [
+            ("KAFKA_BOOTSTRAP_SERVERS".to_string(), env.kafka.clone()),
+            ("KAFKA_TOPICS".into(), topic.to_string()),
+            ("KAFKA_GROUP_ID".into(), format!("{db}_group")),
+            ("MONGODB_URI".into(), env.mongo.clone()),
+            ("MONGODB_DATABASE".into(), db.to_string()),
+            ("DLQ_TOPIC".into(), format!("{db}.dlq")),
+            ("HTTP_PORT".into(), "0".into()),
+            (
+                "LOG_LEVEL".into(),
+                std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+            ),
+        ]
+        .into_iter()
+        .chain(overrides),
+    )?)
 }
 
 fn fresh(env: &Env, what: &str) -> String {
@@ -767,6 +777,37 @@ async fn scaling(env: &Env, records: &[(String, String)], k: usize) -> anyhow::R
 
 // ---------------------------------------------------------------------------------------------------------------
 
+/// The pipeline with no-op handlers against a bare consume loop, over the same pre-filled topic.
+async fn pipeline_ceiling(
+    env: &Env,
+    n_kafka: usize,
+    out: &mut serde_json::Map<String, Value>,
+) -> anyhow::Result<()> {
+    eprintln!(
+        "[bench] pipeline ceiling: {n_kafka} records, {} repeats",
+        env.repeat
+    );
+    let records = workload(n_kafka);
+    let topic = fill(env, &records).await?;
+    let noop = noops()?;
+    let (mut bare, mut pipe) = (Vec::new(), Vec::new());
+    for _ in 0..env.repeat {
+        bare.push(bare_consume(env, &topic, n_kafka).await?);
+        pipe.push(pipeline(env, &topic, &records, &noop).await?);
+    }
+    let (b, p) = (median(bare.clone()), median(pipe.clone()));
+    eprintln!("[bench]   bare {b:.0}/s, pipeline {p:.0}/s");
+    out.insert(
+        "pipeline_ceiling".into(),
+        json!({
+            "records": n_kafka, "bare_consume_per_s": bare, "pipeline_noop_per_s": pipe,
+            "median_bare_per_s": b, "median_pipeline_per_s": p, "ratio": p / b,
+        }),
+    );
+
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let quick = std::env::var_os("BENCH_QUICK").is_some();
@@ -789,31 +830,15 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut out = serde_json::Map::new();
     out.insert("machine".into(), machine());
-    // BENCH_ONLY=pipeline stops after the pipeline ceiling (for profiling it).
-    let only_pipeline = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "pipeline");
+    // BENCH_ONLY=pipeline stops after the pipeline ceiling (for profiling it); BENCH_ONLY=mongodb measures only
+    // the throughput with MongoDB.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let only_pipeline = only == "pipeline";
+    let only_mongodb = only == "mongodb";
 
-    eprintln!(
-        "[bench] pipeline ceiling: {n_kafka} records, {} repeats",
-        env.repeat
-    );
-    let records = workload(n_kafka);
-    let topic = fill(&env, &records).await?;
-    let noop = noops()?;
-    let (mut bare, mut pipe) = (Vec::new(), Vec::new());
-    for _ in 0..env.repeat {
-        bare.push(bare_consume(&env, &topic, n_kafka).await?);
-        pipe.push(pipeline(&env, &topic, &records, &noop).await?);
+    if !only_mongodb {
+        pipeline_ceiling(&env, n_kafka, &mut out).await?;
     }
-    let (b, p) = (median(bare.clone()), median(pipe.clone()));
-    eprintln!("[bench]   bare {b:.0}/s, pipeline {p:.0}/s");
-    out.insert(
-        "pipeline_ceiling".into(),
-        json!({
-            "records": n_kafka, "bare_consume_per_s": bare, "pipeline_noop_per_s": pipe,
-            "median_bare_per_s": b, "median_pipeline_per_s": p, "ratio": p / b,
-        }),
-    );
-
     if only_pipeline {
         println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
         return Ok(());
@@ -840,6 +865,10 @@ async fn main() -> anyhow::Result<()> {
         "median_server_ceiling_per_s": c, "median_pipeline_per_s": o, "median_per_event_per_s": b,
         "ratio_to_ceiling": o / c, "ratio_to_per_event": o / b,
     }));
+    if only_mongodb {
+        println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
+        return Ok(());
+    }
 
     // Latency at fixed rates: 1000/s, and half the pipeline's measured maximum.
     let half = (o / 2.0).max(1.0).round();
