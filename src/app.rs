@@ -212,6 +212,8 @@ impl Loop<'_> {
         let max = self.config.kafka_max_poll_records;
         let mut batch: Vec<OwnedMessage> = Vec::with_capacity(max);
         self.drop_revoked();
+        let tick = tokio::time::sleep(COMMIT_INTERVAL);
+        tokio::pin!(tick);
         loop {
             let full = self.dispatcher.in_flight() >= self.config.processing_max_in_flight;
             self.flow_control(full);
@@ -235,9 +237,10 @@ impl Loop<'_> {
                     Err(e) => self.recv_error(e).await,
                 },
                 _ = self.dispatcher.progressed() => self.commit_if_due().await,
-                _ = tokio::time::sleep(COMMIT_INTERVAL) => {
+                _ = &mut tick => {
                     self.commit_finished().await;
                     self.periodic_stats();
+                    tick.as_mut().reset(tokio::time::Instant::now() + COMMIT_INTERVAL);
                 }
             }
             self.drop_revoked();
@@ -260,13 +263,11 @@ impl Loop<'_> {
     /// Pauses every assigned partition once it has been `full` for [`PAUSE_AFTER`], resumes those still assigned
     /// when not.
     fn flow_control(&mut self, full: bool) {
-        let since = if full {
-            *self.full_since.get_or_insert_with(Instant::now)
-        } else {
+        if !full {
             self.full_since = None;
-            Instant::now()
-        };
-        if full && self.paused.is_none() && since.elapsed() >= PAUSE_AFTER {
+        }
+        let since = full.then(|| *self.full_since.get_or_insert_with(Instant::now));
+        if self.paused.is_none() && since.is_some_and(|s| s.elapsed() >= PAUSE_AFTER) {
             if let Ok(a) = self.consumer.assignment() {
                 match self.consumer.pause(&a) {
                     Ok(()) => {

@@ -2,7 +2,9 @@
 //! to Kafka. The rule: a partition's committed offset is the first offset not yet finished (Kafka wants
 //! "last finished + 1"), so it never passes an unfinished record.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 
 /// A topic-partition.
 pub type Tp = (String, i32);
