@@ -28,6 +28,8 @@ type LaneKey = u64;
 
 struct Item {
     msg: OwnedMessage,
+    /// The generation of its partition's assignment when it was taken in (see [`OffsetTracker::track`]).
+    generation: u64,
     batch: Arc<Batch>,
 }
 
@@ -154,11 +156,13 @@ impl Dispatcher {
             return BatchHandle(batch);
         }
         metrics::histogram!("event_processor_batch_size").record(records.len() as f64);
-        if let Ok(mut t) = self.inner.tracker.lock() {
-            for r in &records {
-                t.track(r.topic(), r.partition(), r.offset());
-            }
-        }
+        let generations: Vec<u64> = match self.inner.tracker.lock() {
+            Ok(mut t) => records
+                .iter()
+                .map(|r| t.track(r.topic(), r.partition(), r.offset()))
+                .collect(),
+            Err(_) => vec![0; records.len()],
+        };
         let n = self
             .inner
             .in_flight
@@ -168,13 +172,14 @@ impl Dispatcher {
         let Ok(mut lanes) = self.inner.lanes.lock() else {
             return BatchHandle(batch);
         };
-        for msg in records {
+        for (msg, generation) in records.into_iter().zip(generations) {
             let key = self
                 .inner
                 .hasher
                 .hash_one((msg.topic(), msg.partition(), msg.key()));
             let item = Item {
                 msg,
+                generation,
                 batch: batch.clone(),
             };
             match lanes.get_mut(&key) {
@@ -206,17 +211,16 @@ impl Dispatcher {
 /// Runs a lane until its queue is empty, then removes it.
 async fn run_lane(inner: Arc<Inner>, key: LaneKey, first: Item) {
     let mut item = first;
-    let mut abandoned = false;
     loop {
-        // Once a record of a lane is abandoned, later records of the same key must not run ahead of it.
-        let outcome =
-            if abandoned || inner.processor.cancel.is_cancelled() || !inner.owns(&item.msg) {
-                RecordOutcome::Abandoned
-            } else {
-                let _permit = inner.permits.acquire().await.ok();
-                inner.processor.process_record(&item.msg).await
-            };
-        abandoned = outcome == RecordOutcome::Abandoned;
+        // A record is abandoned on shutdown (then so is every later one) or when its partition's assignment
+        // ended (then so did that of every later record of the lane taken in under it; records of the partition
+        // fetched again under a new assignment queue behind them and run).
+        let outcome = if inner.processor.cancel.is_cancelled() || !inner.owns(&item) {
+            RecordOutcome::Abandoned
+        } else {
+            let _permit = inner.permits.acquire().await.ok();
+            inner.processor.process_record(&item.msg).await
+        };
         inner.ended(&item, outcome);
         let next = match inner.lanes.lock() {
             Ok(mut lanes) => match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
@@ -236,10 +240,11 @@ async fn run_lane(inner: Arc<Inner>, key: LaneKey, first: Item) {
 }
 
 impl Inner {
-    fn owns(&self, msg: &OwnedMessage) -> bool {
-        self.tracker
-            .lock()
-            .is_ok_and(|t| t.is_pending(msg.topic(), msg.partition(), msg.offset()))
+    fn owns(&self, item: &Item) -> bool {
+        let msg = &item.msg;
+        self.tracker.lock().is_ok_and(|t| {
+            t.is_pending(msg.topic(), msg.partition(), msg.offset(), item.generation)
+        })
     }
 
     fn ended(&self, item: &Item, outcome: RecordOutcome) {
@@ -247,7 +252,7 @@ impl Inner {
         if outcome.finished()
             && let Ok(mut t) = self.tracker.lock()
         {
-            t.finish(msg.topic(), msg.partition(), msg.offset());
+            t.finish(msg.topic(), msg.partition(), msg.offset(), item.generation);
         }
         self.totals.add(outcome);
         item.batch.counts.add(outcome);

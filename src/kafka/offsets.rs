@@ -11,6 +11,9 @@ pub type Tp = (String, i32);
 
 #[derive(Default, Debug)]
 struct PartitionState {
+    /// Which assignment of the partition this is: a partition revoked and assigned back is a new generation,
+    /// so records taken in under the old one are told apart from the same offsets fetched again.
+    generation: u64,
     /// Offsets taken into processing, ascending, and whether each is finished. Records arrive in offset order,
     /// so tracking appends and finishing is a binary search.
     pending: VecDeque<(i64, bool)>,
@@ -38,6 +41,7 @@ impl PartitionState {
 #[derive(Default, Debug)]
 pub struct OffsetTracker {
     parts: HashMap<String, HashMap<i32, PartitionState>>,
+    generations: u64,
 }
 
 impl OffsetTracker {
@@ -60,16 +64,22 @@ impl OffsetTracker {
         })
     }
 
-    /// A record enters processing.
-    pub fn track(&mut self, topic: &str, partition: i32, offset: i64) {
-        let p = match self.get_mut(topic, partition) {
-            Some(p) => p,
-            None => self
-                .parts
-                .entry(topic.to_string())
-                .or_default()
-                .entry(partition)
-                .or_default(),
+    /// A record enters processing. Returns the partition's generation, which [`Self::finish`] and
+    /// [`Self::is_pending`] want back.
+    pub fn track(&mut self, topic: &str, partition: i32, offset: i64) -> u64 {
+        if self.get(topic, partition).is_none() {
+            self.generations += 1;
+            let generation = self.generations;
+            self.parts.entry(topic.to_string()).or_default().insert(
+                partition,
+                PartitionState {
+                    generation,
+                    ..Default::default()
+                },
+            );
+        }
+        let Some(p) = self.get_mut(topic, partition) else {
+            return 0;
         };
         match p.pending.back() {
             None => p.pending.push_back((offset, false)),
@@ -80,19 +90,30 @@ impl OffsetTracker {
                 Err(i) => p.pending.insert(i, (offset, false)),
             },
         }
+        p.generation
+    }
+
+    /// The partition's state, if it is the given generation.
+    fn current(&self, topic: &str, partition: i32, generation: u64) -> Option<&PartitionState> {
+        self.get(topic, partition)
+            .filter(|p| p.generation == generation)
     }
 
     /// A record is finished: every handler succeeded, or its failure was dead-lettered and acknowledged.
-    /// Unknown partitions (revoked meanwhile) are ignored.
-    pub fn finish(&mut self, topic: &str, partition: i32, offset: i64) {
-        if let Some(done) = self.get_mut(topic, partition).and_then(|p| p.slot(offset)) {
+    /// Records of partitions revoked meanwhile (unknown, or assigned back since: another generation) are ignored.
+    pub fn finish(&mut self, topic: &str, partition: i32, offset: i64, generation: u64) {
+        if let Some(done) = self
+            .get_mut(topic, partition)
+            .filter(|p| p.generation == generation)
+            .and_then(|p| p.slot(offset))
+        {
             *done = true;
         }
     }
 
-    /// The record is taken into processing and not finished: its partition is still ours.
-    pub fn is_pending(&self, topic: &str, partition: i32, offset: i64) -> bool {
-        self.get(topic, partition).is_some_and(|p| {
+    /// The record is taken into processing under this generation and not finished: its partition is still ours.
+    pub fn is_pending(&self, topic: &str, partition: i32, offset: i64, generation: u64) -> bool {
+        self.current(topic, partition, generation).is_some_and(|p| {
             p.pending
                 .binary_search_by_key(&offset, |(o, _)| *o)
                 .is_ok_and(|i| !p.pending[i].1)
@@ -195,12 +216,17 @@ mod tests {
         ("t".to_string(), p)
     }
 
+    /// The current generation of partition `p` of topic `t`.
+    fn generation_of(t: &OffsetTracker, p: i32) -> u64 {
+        t.get("t", p).map_or(0, |s| s.generation)
+    }
+
     #[test]
     fn commit_is_last_finished_plus_one() {
         let mut t = OffsetTracker::new();
         for o in 10..13 {
             t.track("t", 0, o);
-            t.finish("t", 0, o);
+            t.finish("t", 0, o, generation_of(&t, 0));
         }
         assert_eq!(t.committable(), vec![(tp(0), 13)]);
     }
@@ -209,7 +235,7 @@ mod tests {
     fn a_refused_commit_is_sent_again_and_the_final_commit_sends_every_position() {
         let mut t = OffsetTracker::new();
         t.track("t", 0, 0);
-        t.finish("t", 0, 0);
+        t.finish("t", 0, 0, generation_of(&t, 0));
         let sent = t.committable();
         assert_eq!(sent, vec![(tp(0), 1)]);
         t.committed(&sent);
@@ -226,13 +252,13 @@ mod tests {
         for o in 0..5 {
             t.track("t", 0, o);
         }
-        t.finish("t", 0, 0);
-        t.finish("t", 0, 1);
-        t.finish("t", 0, 3);
-        t.finish("t", 0, 4);
+        t.finish("t", 0, 0, generation_of(&t, 0));
+        t.finish("t", 0, 1, generation_of(&t, 0));
+        t.finish("t", 0, 3, generation_of(&t, 0));
+        t.finish("t", 0, 4, generation_of(&t, 0));
         assert_eq!(t.committable(), vec![(tp(0), 2)]);
         assert_eq!(t.in_flight(), 1);
-        t.finish("t", 0, 2);
+        t.finish("t", 0, 2, generation_of(&t, 0));
         assert_eq!(t.committable(), vec![(tp(0), 5)]);
     }
 
@@ -242,12 +268,15 @@ mod tests {
         t.track("t", 0, 5);
         t.track("t", 0, 3);
         t.track("t", 0, 5);
-        t.finish("t", 0, 3);
-        assert!(t.is_pending("t", 0, 5));
-        assert!(!t.is_pending("t", 0, 3));
-        assert!(!t.is_pending("t", 0, 4), "never tracked");
+        t.finish("t", 0, 3, generation_of(&t, 0));
+        assert!(t.is_pending("t", 0, 5, generation_of(&t, 0)));
+        assert!(!t.is_pending("t", 0, 3, generation_of(&t, 0)));
+        assert!(
+            !t.is_pending("t", 0, 4, generation_of(&t, 0)),
+            "never tracked"
+        );
         assert_eq!(t.committable(), vec![(tp(0), 4)]);
-        t.finish("t", 0, 5);
+        t.finish("t", 0, 5, generation_of(&t, 0));
         assert_eq!(t.committable(), vec![(tp(0), 6)]);
         assert_eq!(t.in_flight(), 0);
     }
@@ -257,7 +286,7 @@ mod tests {
         let mut t = OffsetTracker::new();
         t.track("t", 1, 7);
         assert!(t.committable().is_empty());
-        t.finish("t", 1, 7);
+        t.finish("t", 1, 7, generation_of(&t, 1));
         let c = t.committable();
         t.committed(&c);
         assert!(t.committable().is_empty());
@@ -267,11 +296,33 @@ mod tests {
     fn revoke_returns_finished_offsets_and_forgets_the_partition() {
         let mut t = OffsetTracker::new();
         t.track("t", 0, 0);
-        t.track("t", 1, 0);
-        t.finish("t", 0, 0);
-        t.finish("t", 1, 0);
+        let g1 = t.track("t", 1, 0);
+        t.track("t", 1, 1);
+        t.finish("t", 0, 0, generation_of(&t, 0));
+        t.finish("t", 1, 0, g1);
         assert_eq!(t.revoke(&[tp(1)]), vec![(tp(1), 1)]);
-        t.finish("t", 1, 0); // late completion of revoked work is ignored
+        t.finish("t", 1, 1, g1); // late completion of revoked work is ignored
         assert_eq!(t.committable(), vec![(tp(0), 1)]);
+    }
+
+    #[test]
+    fn a_partition_assigned_back_is_a_new_generation() {
+        let mut t = OffsetTracker::new();
+        let old = t.track("t", 0, 4);
+        t.revoke(&[tp(0)]);
+        let new = t.track("t", 0, 4);
+        assert_ne!(old, new);
+        assert!(
+            !t.is_pending("t", 0, 4, old),
+            "taken in under the old assignment"
+        );
+        assert!(t.is_pending("t", 0, 4, new));
+        t.finish("t", 0, 4, old);
+        assert!(
+            t.committable().is_empty(),
+            "the old assignment's work does not count"
+        );
+        t.finish("t", 0, 4, new);
+        assert_eq!(t.committable(), vec![(tp(0), 5)]);
     }
 }

@@ -307,6 +307,36 @@ async fn records_of_a_revoked_partition_are_not_run() {
     );
 }
 
+/// A partition revoked while records of a key are queued, then assigned back and fetched again from its committed
+/// offset: the queued records of the old assignment must not run (nor run ahead of the new ones), and the new
+/// ones must run, so the partition's commit moves on instead of stalling.
+#[tokio::test(start_paused = true)]
+async fn a_partition_assigned_back_runs_its_records_again_and_the_commit_moves_on() {
+    let h = TestHandler::new("h", Behaviour::SlowKey(Duration::from_secs(3)));
+    let p = Arc::new(processor(vec![h.clone()], Arc::new(Sink::default())));
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let d = Dispatcher::new(p, tracker.clone());
+    let old = d.submit((0..3).map(|o| record(o, "slow", "UserCreated")).collect());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tracker.lock().unwrap().revoke(&[("t".to_string(), 0)]);
+    // Assigned back at once, nothing committed: fetched again from offset 0 while offset 0 still runs.
+    let new = d.submit((0..3).map(|o| record(o, "slow", "UserCreated")).collect());
+    let old = old.finished().await;
+    assert_eq!((old.processed, old.abandoned), (1, 2), "old: {old:?}");
+    let new = new.finished().await;
+    assert_eq!((new.processed, new.abandoned), (3, 0), "new: {new:?}");
+    assert_eq!(
+        *h.seen.lock().unwrap(),
+        [0, 0, 1, 2],
+        "the old assignment's queued records did not run; the new ones ran in order"
+    );
+    assert_eq!(
+        tracker.lock().unwrap().committable(),
+        vec![(("t".to_string(), 0), 3)]
+    );
+    assert_eq!(d.in_flight(), 0);
+}
+
 #[test]
 fn backoff_is_capped_and_jittered() {
     let s = ProcessingSettings {
