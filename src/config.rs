@@ -171,7 +171,7 @@ mod d {
         300_000
     }
     pub fn concurrency() -> usize {
-        64
+        256
     }
     pub fn max_in_flight() -> usize {
         1000

@@ -107,11 +107,18 @@ fn dockerfile_healthcheck_uses_the_binary_and_runs_as_non_root() {
 fn grafana_dashboard_queries_only_metrics_the_daemon_exports() {
     let dashboard: serde_json::Value =
         serde_json::from_str(&read("deploy/grafana/dashboards/event-processor.json")).unwrap();
+    // Every source file under src/, at any depth.
     let mut sources = String::new();
-    for dir in ["src", "src/kafka"] {
-        for entry in std::fs::read_dir(format!("{}/{dir}", env!("CARGO_MANIFEST_DIR"))).unwrap() {
+    let mut dirs = vec![std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src"
+    ))];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "rs") {
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
                 sources.push_str(&std::fs::read_to_string(path).unwrap());
             }
         }
