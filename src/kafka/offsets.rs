@@ -24,11 +24,13 @@ struct PartitionState {
 }
 
 impl PartitionState {
+    /// Where `offset` is in `pending` (`Err`: where it would go).
+    fn position(&self, offset: i64) -> Result<usize, usize> {
+        self.pending.binary_search_by_key(&offset, |(o, _)| *o)
+    }
+
     fn slot(&mut self, offset: i64) -> Option<&mut bool> {
-        let i = self
-            .pending
-            .binary_search_by_key(&offset, |(o, _)| *o)
-            .ok()?;
+        let i = self.position(offset).ok()?;
         self.pending.get_mut(i).map(|(_, done)| done)
     }
 
@@ -85,18 +87,12 @@ impl OffsetTracker {
             None => p.pending.push_back((offset, false)),
             Some((last, _)) if *last < offset => p.pending.push_back((offset, false)),
             // Out of order (never expected from one consumer): keep the deque sorted.
-            Some(_) => match p.pending.binary_search_by_key(&offset, |(o, _)| *o) {
+            Some(_) => match p.position(offset) {
                 Ok(i) => p.pending[i].1 = false,
                 Err(i) => p.pending.insert(i, (offset, false)),
             },
         }
         p.generation
-    }
-
-    /// The partition's state, if it is the given generation.
-    fn current(&self, topic: &str, partition: i32, generation: u64) -> Option<&PartitionState> {
-        self.get(topic, partition)
-            .filter(|p| p.generation == generation)
     }
 
     /// A record is finished: every handler succeeded, or its failure was dead-lettered and acknowledged.
@@ -113,11 +109,9 @@ impl OffsetTracker {
 
     /// The record is taken into processing under this generation and not finished: its partition is still ours.
     pub fn is_pending(&self, topic: &str, partition: i32, offset: i64, generation: u64) -> bool {
-        self.current(topic, partition, generation).is_some_and(|p| {
-            p.pending
-                .binary_search_by_key(&offset, |(o, _)| *o)
-                .is_ok_and(|i| !p.pending[i].1)
-        })
+        self.get(topic, partition)
+            .filter(|p| p.generation == generation)
+            .is_some_and(|p| p.position(offset).is_ok_and(|i| !p.pending[i].1))
     }
 
     /// Records of these partitions taken into processing and not finished.
