@@ -44,6 +44,8 @@ fn fixture_records() -> Vec<Rec> {
                     .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
                     .collect(),
                 partition: None,
+                // As captured: the envelope variant's only event time is its Kafka timestamp.
+                timestamp: r["timestamp"].as_i64(),
             });
         }
     }

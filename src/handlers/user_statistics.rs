@@ -7,6 +7,10 @@
 //! - `daily:YYYY-MM-DD` keeps each bucket's count (`buckets.hh`) and their sum (`signups`);
 //! - `totals` keeps each day's sum (`days.YYYY-MM-DD`) and their sum (`total_users`).
 //!
+//! The day is the event's creation time (`created_at`). A deployment whose records carry no creation time falls
+//! back to the Kafka timestamp, the time Debezium read the change: if Debezium emits the same row again (after a
+//! connector restart) on the other side of midnight, the copies land in two days' buckets and both count.
+//!
 //! A recount reads only the buckets and days that changed since the last one, and is shared by every event of a
 //! batch, so its cost does not grow with the number of sign-ups already counted.
 

@@ -294,6 +294,8 @@ pub struct Rec {
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, String)>,
     pub partition: Option<i32>,
+    /// Kafka timestamp (ms); `None`: the time of producing.
+    pub timestamp: Option<i64>,
 }
 
 impl Rec {
@@ -303,6 +305,7 @@ impl Rec {
             value: Some(value.as_bytes().to_vec()),
             headers: Vec::new(),
             partition: None,
+            timestamp: None,
         }
     }
 }
@@ -358,7 +361,9 @@ pub async fn create_topics(kafka: &str, topics: &[(&str, i32)]) {
         .expect("admin client");
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+        // Kept regardless of age: fixtures are produced with the timestamps they were captured with, which the
+        // broker's time-based retention would otherwise delete at its next check.
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)).set("retention.ms", "-1"))
         .collect();
     let res = admin
         .create_topics(
@@ -404,6 +409,9 @@ pub async fn produce(kafka: &str, topic: &str, records: &[Rec]) {
             }
             if let Some(p) = r.partition {
                 fr = fr.partition(p);
+            }
+            if let Some(t) = r.timestamp {
+                fr = fr.timestamp(t);
             }
             producer.send(fr, Duration::from_secs(30))
         })
