@@ -215,12 +215,7 @@ async fn run_lane(inner: Arc<Inner>, key: LaneKey, first: Item) {
         // A record is abandoned on shutdown (then so is every later one) or when its partition's assignment
         // ended (then so did that of every later record of the lane taken in under it; records of the partition
         // fetched again under a new assignment queue behind them and run).
-        let outcome = if inner.processor.cancel.is_cancelled() || !inner.owns(&item) {
-            RecordOutcome::Abandoned
-        } else {
-            let _permit = inner.permits.acquire().await.ok();
-            inner.processor.process_record(&item.msg).await
-        };
+        let outcome = inner.run(&item).await;
         inner.ended(&item, outcome);
         let next = match inner.lanes.lock() {
             Ok(mut lanes) => match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
@@ -240,6 +235,29 @@ async fn run_lane(inner: Arc<Inner>, key: LaneKey, first: Item) {
 }
 
 impl Inner {
+    /// Runs one record unless it is to be abandoned, checked again after a wait for a permit: with every permit
+    /// taken the wait can be long, and its partition may have moved meanwhile.
+    async fn run(&self, item: &Item) -> RecordOutcome {
+        if self.abandons(item) {
+            return RecordOutcome::Abandoned;
+        }
+        let _permit = match self.permits.try_acquire() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                let permit = self.permits.acquire().await.ok();
+                if self.abandons(item) {
+                    return RecordOutcome::Abandoned;
+                }
+                permit
+            }
+        };
+        self.processor.process_record(&item.msg).await
+    }
+
+    fn abandons(&self, item: &Item) -> bool {
+        self.processor.cancel.is_cancelled() || !self.owns(item)
+    }
+
     fn owns(&self, item: &Item) -> bool {
         let msg = &item.msg;
         self.tracker.lock().is_ok_and(|t| {

@@ -18,6 +18,7 @@ use mongodb::bson::{Document, doc};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::json;
 
 const PARTITIONS: i32 = 6;
@@ -202,12 +203,11 @@ struct Proc {
 
 impl Proc {
     fn start(env: &TestEnv, name: &str) -> Proc {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/faults");
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(log_path(name).parent().unwrap()).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join(format!("{name}.log")))
+            .open(log_path(name))
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_event-processor"))
             .arg("run")
@@ -245,6 +245,31 @@ impl Proc {
             .status();
         self.child.wait().unwrap()
     }
+}
+
+/// Where the daemon started as `name` writes its log.
+fn log_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/faults/{name}.log"))
+}
+
+/// The lines of a daemon's log (`LOG_FORMAT=json`).
+fn log_lines(name: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log_path(name))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The partition numbers of a rebalance log line (`partitions: [("topic", 0), ...]`).
+fn partitions_of(line: &serde_json::Value) -> Vec<i32> {
+    line["partitions"]
+        .as_str()
+        .unwrap_or_default()
+        .split("\", ")
+        .skip(1)
+        .filter_map(|s| s.split(')').next()?.trim().parse().ok())
+        .collect()
 }
 
 /// `scripts/stack` with these arguments; the services must be the ones it manages.
@@ -667,4 +692,125 @@ async fn participant_joined_before_its_activity_created() {
         "3 joins, then their ActivityCreated, all delivered twice: title set, 3 participants counted once",
     );
     assert_eq!(dead, 0);
+}
+
+/// Joins the daemon's group as a second member (same assignment strategy, never commits), polls until it holds
+/// partitions, holds them for `hold`, then leaves: what it took goes back to the daemon. Returns what it held.
+fn borrow_partitions(kafka: &str, group: &str, topic: &str, hold: Duration) -> Vec<i32> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .set("group.id", group)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "10000")
+        .create()
+        .expect("consumer");
+    c.subscribe(&[topic]).expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let held: Vec<i32> = loop {
+        let _ = c.poll(Duration::from_millis(100));
+        let held: Vec<i32> = c
+            .assignment()
+            .expect("assignment")
+            .elements()
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        if !held.is_empty() {
+            break held;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second member got no partitions"
+        );
+    };
+    let until = Instant::now() + hold;
+    while Instant::now() < until {
+        let _ = c.poll(Duration::from_millis(100));
+    }
+    held
+}
+
+/// Partitions taken from the daemon while records of their keys are queued and given back before those records
+/// ran (MongoDB is stopped throughout, so nothing of theirs can finish): the records of the first assignment are
+/// dropped, the partitions are fetched again from their committed offsets under the new one, and every commit
+/// moves on to the end (a stalled partition fails `wait_finished`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_revoked_with_records_queued_and_assigned_back() {
+    require_local_stack();
+    let env = TestEnv::new("back", PARTITIONS).await;
+    let mut w = Workload::new();
+    let _ = std::fs::remove_file(log_path("back"));
+    let p = Proc::start(&env, "back");
+    env.produce(&w.next(10)).await;
+    wait_finished(&env, w.len()).await;
+    let producing = produce_steadily(&env, &mut w, 40, 5);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack(&["stop", "mongo"]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The daemon waits its drain timeout (10 s) for the revoked partitions' records, which cannot finish.
+    let (kafka, group, topic) = (env.kafka.clone(), env.group.clone(), env.topic.clone());
+    let held = tokio::task::spawn_blocking(move || {
+        borrow_partitions(&kafka, &group, &topic, Duration::from_secs(2))
+    })
+    .await
+    .unwrap();
+    let back = || {
+        let lines = log_lines("back");
+        let revoked_at = lines.iter().position(|l| {
+            l["message"] == "Partitions revoked"
+                && partitions_of(l).iter().any(|p| held.contains(p))
+        });
+        revoked_at.is_some_and(|i| {
+            lines[i..].iter().any(|l| {
+                l["message"] == "Partitions assigned"
+                    && partitions_of(l).iter().any(|p| held.contains(p))
+            })
+        })
+    };
+    wait_until(
+        "the daemon to get back the partitions it gave up",
+        Duration::from_secs(60),
+        || std::future::ready(back()),
+    )
+    .await;
+    stack(&["start", "mongo"]);
+    let restarted = Instant::now();
+    producing.await.unwrap();
+    wait_finished(&env, w.len()).await;
+    let recovery = restarted.elapsed();
+    let lines = log_lines("back");
+    assert!(p.terminate().success());
+    let deadline_reached = lines
+        .iter()
+        .filter(|l| l["message"] == "Rebalance drain deadline reached; unfinished records of revoked partitions are left to the next owner")
+        .count();
+    let dropped: u64 = lines
+        .iter()
+        .filter(|l| l["message"] == "Batch done")
+        .filter_map(|l| l["abandoned"].as_u64())
+        .sum();
+    assert!(
+        deadline_reached > 0,
+        "the revoke found records of the revoked partitions unfinished"
+    );
+    assert!(
+        dropped > 0,
+        "records taken in under the first assignment were dropped, not run"
+    );
+    let v = verdict(&env, &w).await;
+    let dead = read_all(&env.kafka, &env.dlq, 0, Duration::from_secs(5)).len();
+    record(
+        "revoked_with_records_queued_and_assigned_back",
+        v,
+        dead,
+        recovery,
+        &format!(
+            "50 events/s for 40 s; MongoDB stopped at 3 s; a second group member joined at 6 s, took partitions \
+             {held:?} after the daemon's 10 s drain deadline and left 2 s later; the daemon got them back, dropped \
+             {dropped} records of the first assignment and fetched them again; MongoDB started after that; \
+             recovery from its start to the last record committed"
+        ),
+    );
+    assert_eq!(dead, 0, "nothing is dead-lettered for an outage");
 }

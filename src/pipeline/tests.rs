@@ -337,6 +337,31 @@ async fn a_partition_assigned_back_runs_its_records_again_and_the_commit_moves_o
     assert_eq!(d.in_flight(), 0);
 }
 
+/// With every permit taken, a record waits for one; if its partition is revoked meanwhile, it is not run once the
+/// permit comes (the next owner runs it).
+#[tokio::test(start_paused = true)]
+async fn a_record_whose_partition_moved_while_it_waited_for_a_permit_is_not_run() {
+    let h = TestHandler::new("h", Behaviour::SlowKey(Duration::from_secs(3)));
+    let mut p = processor(vec![h.clone()], Arc::new(Sink::default()));
+    p.settings.concurrency = 1;
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let d = Dispatcher::new(Arc::new(p), tracker.clone());
+    let batch = d.submit(vec![
+        record(0, "slow", "UserCreated"),
+        record(1, "other", "UserCreated"),
+    ]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tracker.lock().unwrap().revoke(&[("t".to_string(), 0)]);
+    let s = batch.finished().await;
+    assert_eq!((s.processed, s.abandoned), (1, 1), "{s:?}");
+    assert_eq!(
+        *h.seen.lock().unwrap(),
+        [0],
+        "only the record already running ran"
+    );
+    assert_eq!(d.in_flight(), 0);
+}
+
 #[test]
 fn backoff_is_capped_and_jittered() {
     let s = ProcessingSettings {
