@@ -16,7 +16,8 @@ use std::time::Instant;
 use foldhash::fast::RandomState;
 
 use rdkafka::message::{Message, OwnedMessage};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::kafka::OffsetTracker;
@@ -95,7 +96,16 @@ struct Inner {
     tracker: Arc<Mutex<OffsetTracker>>,
     lanes: Mutex<HashMap<LaneKey, VecDeque<Item>, RandomState>>,
     hasher: RandomState,
-    permits: Semaphore,
+    /// How many runners there are: `PROCESSING_CONCURRENCY`.
+    concurrency: usize,
+    /// Whether the runners were started (on the first submit, inside the runtime).
+    runners_started: std::sync::atomic::AtomicBool,
+    /// New lanes waiting for a runner, in the order they arrived.
+    ready: Mutex<VecDeque<(LaneKey, Item)>>,
+    /// Wakes a runner when a lane is ready.
+    work: Notify,
+    /// Cancelled when the last handle of the dispatcher is dropped: idle runners end.
+    closed: CancellationToken,
     in_flight: AtomicUsize,
     in_flight_gauge: metrics::Gauge,
     progress: Notify,
@@ -107,6 +117,16 @@ struct Inner {
 #[derive(Clone)]
 pub struct Dispatcher {
     inner: Arc<Inner>,
+    _close: Arc<CloseOnDrop>,
+}
+
+/// Ends the idle runners once the last handle of their dispatcher is gone (they hold the state, not a handle).
+struct CloseOnDrop(CancellationToken);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
 }
 
 /// A submitted batch; [`BatchHandle::finished`] waits for its last record.
@@ -128,13 +148,19 @@ impl BatchHandle {
 impl Dispatcher {
     pub fn new(processor: Arc<Processor>, tracker: Arc<Mutex<OffsetTracker>>) -> Self {
         let concurrency = processor.settings.concurrency.max(1);
+        let closed = CancellationToken::new();
         Dispatcher {
+            _close: Arc::new(CloseOnDrop(closed.clone())),
             inner: Arc::new(Inner {
                 processor,
                 tracker,
                 lanes: Mutex::new(HashMap::default()),
                 hasher: RandomState::default(),
-                permits: Semaphore::new(concurrency),
+                concurrency,
+                runners_started: std::sync::atomic::AtomicBool::new(false),
+                ready: Mutex::new(VecDeque::new()),
+                work: Notify::new(),
+                closed,
                 in_flight: AtomicUsize::new(0),
                 in_flight_gauge: metrics::gauge!("event_processor_in_flight_records"),
                 progress: Notify::new(),
@@ -169,6 +195,8 @@ impl Dispatcher {
             .fetch_add(records.len(), Ordering::SeqCst)
             + records.len();
         self.inner.in_flight_gauge.set(n as f64);
+        self.start_runners();
+        let mut fresh = Vec::new();
         let Ok(mut lanes) = self.inner.lanes.lock() else {
             return BatchHandle(batch);
         };
@@ -186,11 +214,30 @@ impl Dispatcher {
                 Some(queue) => queue.push_back(item),
                 None => {
                     lanes.insert(key, VecDeque::new());
-                    tokio::spawn(run_lane(self.inner.clone(), key, item));
+                    fresh.push((key, item));
                 }
             }
         }
+        drop(lanes);
+        let woken = fresh.len();
+        if let Ok(mut ready) = self.inner.ready.lock() {
+            ready.extend(fresh);
+        }
+        for _ in 0..woken {
+            self.inner.work.notify_one();
+        }
         BatchHandle(batch)
+    }
+
+    /// `PROCESSING_CONCURRENCY` runners, each taking the next ready lane and running it until it is empty: a
+    /// pool instead of a task per new key (most keys are new ones).
+    fn start_runners(&self) {
+        if self.inner.runners_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for _ in 0..self.inner.concurrency {
+            tokio::spawn(runner(self.inner.clone()));
+        }
     }
 
     /// Records submitted and not yet ended.
@@ -208,8 +255,29 @@ impl Dispatcher {
     }
 }
 
+/// Takes ready lanes one after the other until the dispatcher is dropped.
+async fn runner(inner: Arc<Inner>) {
+    loop {
+        let next = inner.ready.lock().ok().and_then(|mut r| r.pop_front());
+        if let Some((key, first)) = next {
+            run_lane(&inner, key, first).await;
+            continue;
+        }
+        let notified = inner.work.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if inner.ready.lock().is_ok_and(|r| !r.is_empty()) {
+            continue;
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = inner.closed.cancelled() => return,
+        }
+    }
+}
+
 /// Runs a lane until its queue is empty, then removes it.
-async fn run_lane(inner: Arc<Inner>, key: LaneKey, first: Item) {
+async fn run_lane(inner: &Inner, key: LaneKey, first: Item) {
     let mut item = first;
     loop {
         // A record is abandoned on shutdown (then so is every later one) or when its partition's assignment
@@ -235,22 +303,12 @@ async fn run_lane(inner: Arc<Inner>, key: LaneKey, first: Item) {
 }
 
 impl Inner {
-    /// Runs one record unless it is to be abandoned, checked again after a wait for a permit: with every permit
-    /// taken the wait can be long, and its partition may have moved meanwhile.
+    /// Runs one record unless it is to be abandoned, checked when its turn comes: a lane may have waited long
+    /// for a runner (all of them busy), and its partition may have moved meanwhile.
     async fn run(&self, item: &Item) -> RecordOutcome {
         if self.abandons(item) {
             return RecordOutcome::Abandoned;
         }
-        let _permit = match self.permits.try_acquire() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                let permit = self.permits.acquire().await.ok();
-                if self.abandons(item) {
-                    return RecordOutcome::Abandoned;
-                }
-                permit
-            }
-        };
         self.processor.process_record(&item.msg).await
     }
 
