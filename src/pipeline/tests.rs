@@ -337,10 +337,10 @@ async fn a_partition_assigned_back_runs_its_records_again_and_the_commit_moves_o
     assert_eq!(d.in_flight(), 0);
 }
 
-/// With every permit taken, a record waits for one; if its partition is revoked meanwhile, it is not run once the
-/// permit comes (the next owner runs it).
+/// With every lane runner busy, a new lane waits for one; if its partition is revoked meanwhile, its record is not
+/// run once a runner comes (the next owner runs it).
 #[tokio::test(start_paused = true)]
-async fn a_record_whose_partition_moved_while_it_waited_for_a_permit_is_not_run() {
+async fn a_record_whose_partition_moved_while_it_waited_for_a_runner_is_not_run() {
     let h = TestHandler::new("h", Behaviour::SlowKey(Duration::from_secs(3)));
     let mut p = processor(vec![h.clone()], Arc::new(Sink::default()));
     p.settings.concurrency = 1;
