@@ -282,8 +282,13 @@ async fn run_lane(inner: &Inner, key: LaneKey, first: Item) {
     loop {
         // A record is abandoned on shutdown (then so is every later one) or when its partition's assignment
         // ended (then so did that of every later record of the lane taken in under it; records of the partition
-        // fetched again under a new assignment queue behind them and run).
-        let outcome = inner.run(&item).await;
+        // fetched again under a new assignment queue behind them and run). Checked when the record's turn comes:
+        // a new lane may have waited long for a runner (all of them busy), and its partition may have moved.
+        let outcome = if inner.processor.cancel.is_cancelled() || !inner.owns(&item) {
+            RecordOutcome::Abandoned
+        } else {
+            inner.processor.process_record(&item.msg).await
+        };
         inner.ended(&item, outcome);
         let next = match inner.lanes.lock() {
             Ok(mut lanes) => match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
@@ -303,19 +308,6 @@ async fn run_lane(inner: &Inner, key: LaneKey, first: Item) {
 }
 
 impl Inner {
-    /// Runs one record unless it is to be abandoned, checked when its turn comes: a lane may have waited long
-    /// for a runner (all of them busy), and its partition may have moved meanwhile.
-    async fn run(&self, item: &Item) -> RecordOutcome {
-        if self.abandons(item) {
-            return RecordOutcome::Abandoned;
-        }
-        self.processor.process_record(&item.msg).await
-    }
-
-    fn abandons(&self, item: &Item) -> bool {
-        self.processor.cancel.is_cancelled() || !self.owns(item)
-    }
-
     fn owns(&self, item: &Item) -> bool {
         let msg = &item.msg;
         self.tracker.lock().is_ok_and(|t| {

@@ -393,13 +393,7 @@ async fn three_consumers_one_killed_one_added_while_events_flow() {
     // The survivors gave partitions up twice (to the others after the kill, to the fourth): their logs show the
     // revokes and the drains.
     let logs: String = (1..3)
-        .map(|i| {
-            std::fs::read_to_string(format!(
-                "{}/target/faults/scale-{i}.log",
-                env!("CARGO_MANIFEST_DIR")
-            ))
-            .unwrap_or_default()
-        })
+        .map(|i| std::fs::read_to_string(log_path(&format!("scale-{i}"))).unwrap_or_default())
         .collect();
     let revokes = logs.matches("Partitions revoked").count();
     let drains = logs
