@@ -45,8 +45,11 @@ pub async fn run_with_registry(
 ) -> anyhow::Result<()> {
     info!(config = ?config, handlers = ?registry.names(), "Starting event-processor");
     let health = Arc::new(Health::new());
-    let _ = crate::http::metrics_handle();
     let http_stop = CancellationToken::new();
+    if let Some(handle) = crate::http::metrics_handle() {
+        let every = crate::http::UPKEEP_INTERVAL;
+        tokio::spawn(crate::http::upkeep(handle, every, http_stop.clone()));
+    }
     if config.http_port != 0 {
         let listener = tokio::net::TcpListener::bind(("0.0.0.0", config.http_port))
             .await

@@ -40,6 +40,23 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Folds the histogram samples recorded since the last scrape into their buckets, every `every`, until `stop`.
+/// The recorder keeps every sample until a scrape or an upkeep: without this, a deployment that does not scrape
+/// `/metrics` grows by a few bytes per handler call, for ever.
+pub async fn upkeep(handle: PrometheusHandle, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => handle.run_upkeep(),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     health: Arc<Health>,
@@ -108,4 +125,39 @@ pub async fn probe(port: u16, path: &str) -> Result<bool, std::io::Error> {
     tokio::time::timeout(Duration::from_secs(3), fut)
         .await
         .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn upkeep_folds_samples_until_stopped_then_ends() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            for i in 0..1000 {
+                metrics::histogram!("upkeep_test_seconds").record(f64::from(i) / 1000.0);
+            }
+        });
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(upkeep(
+            handle.clone(),
+            Duration::from_millis(5),
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!task.is_finished(), "runs while not stopped");
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("ends once stopped")
+            .expect("no panic");
+        // Folded samples are still reported: upkeep moves them, it does not drop them.
+        let text = handle.render();
+        assert!(
+            text.contains("upkeep_test_seconds_count 1000"),
+            "all samples reported:\n{text}"
+        );
+    }
 }
