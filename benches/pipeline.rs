@@ -239,28 +239,40 @@ fn fresh(env: &Env, what: &str) -> String {
 // ---------------------------------------------------------------------------------------------------------------
 // Counting what handlers finished, with the time of the first and the last.
 
-#[derive(Default)]
+/// Costs the measured path one atomic add per handler call: the clock is read by the first call and by the one
+/// that completes the expected count (a lock and a clock read per call were a visible share of a no-op call).
 struct Counter {
+    expected: usize,
     done: AtomicUsize,
     first: OnceLock<Instant>,
-    last: Mutex<Option<Instant>>,
+    last: OnceLock<Instant>,
 }
 
 impl Counter {
-    fn rate(&self, events: usize) -> f64 {
-        let (Some(first), Some(last)) = (self.first.get(), *self.last.lock().unwrap()) else {
-            return f64::NAN;
-        };
-        events as f64 / (last - *first).as_secs_f64().max(1e-9)
+    fn new(expected: usize) -> Self {
+        Counter {
+            expected,
+            done: AtomicUsize::new(0),
+            first: OnceLock::new(),
+            last: OnceLock::new(),
+        }
     }
 
-    async fn wait_for(&self, n: usize, what: &str) -> anyhow::Result<()> {
+    fn rate(&self, events: usize) -> f64 {
+        let (Some(first), Some(last)) = (self.first.get(), self.last.get()) else {
+            return f64::NAN;
+        };
+        events as f64 / (*last - *first).as_secs_f64().max(1e-9)
+    }
+
+    async fn wait(&self, what: &str) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(600);
-        while self.done.load(Ordering::SeqCst) < n {
+        while self.done.load(Ordering::SeqCst) < self.expected {
             ensure!(
                 Instant::now() < deadline,
-                "{what}: {} of {n} handler calls after 600 s",
-                self.done.load(Ordering::SeqCst)
+                "{what}: {} of {} handler calls after 600 s",
+                self.done.load(Ordering::SeqCst),
+                self.expected
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -284,8 +296,9 @@ impl EventHandler for Counted {
     async fn handle(&self, e: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {
         self.counter.first.get_or_init(Instant::now);
         self.inner.handle(e, ctx).await?;
-        *self.counter.last.lock().unwrap() = Some(Instant::now());
-        self.counter.done.fetch_add(1, Ordering::SeqCst);
+        if self.counter.done.fetch_add(1, Ordering::SeqCst) + 1 == self.counter.expected {
+            let _ = self.counter.last.set(Instant::now());
+        }
         Ok(())
     }
 }
@@ -390,20 +403,20 @@ async fn bare_consume(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
-/// The daemon's pipeline over the topic with `base`'s handlers, from its first handler call to its last.
+/// The daemon's pipeline over the topic's `records` with `base`'s handlers (`calls` handler calls in all, see
+/// [`calls`]), from its first handler call to its last.
 async fn pipeline(
     env: &Env,
     topic: &str,
-    records: &[(String, String)],
+    (records, calls): (usize, usize),
     base: &Registry,
 ) -> anyhow::Result<f64> {
-    let counter = Arc::new(Counter::default());
+    let counter = Arc::new(Counter::new(calls));
     let registry = counted(base, &counter)?;
     if let Ok(level) = std::env::var("BENCH_LOG_LEVEL") {
         let _ =
             event_processor::telemetry::init(&level, event_processor::config::LogFormat::Pretty);
     }
-    let expected = calls(&registry, records);
     let db = fresh(env, "pipe");
     let token = CancellationToken::new();
     let daemon = tokio::spawn(event_processor::run_with_registry(
@@ -411,12 +424,12 @@ async fn pipeline(
         registry,
         token.clone(),
     ));
-    let waited = counter.wait_for(expected, "pipeline").await;
+    let waited = counter.wait("pipeline").await;
     token.cancel();
     daemon.await??;
     waited?;
     drop_db(env, &db).await;
-    Ok(counter.rate(records.len()))
+    Ok(counter.rate(records))
 }
 
 /// The shipped handlers called in a tight loop, no Kafka: what the server does for exactly these writes through
@@ -681,6 +694,21 @@ fn spawn_daemon(
         .spawn()?)
 }
 
+/// CPU time (user and system, every thread, including librdkafka's) this process has used, in seconds: what a
+/// measured phase cost, whatever the other processes on the machine took meanwhile.
+fn cpu_seconds() -> f64 {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) ends with ')': utime and stime are the 12th and
+            // 13th of them, in clock ticks of 1/100 s.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        });
+    ticks.map_or(f64::NAN, |t| t as f64 / 100.0)
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
@@ -790,18 +818,30 @@ async fn pipeline_ceiling(
     let records = workload(n_kafka);
     let topic = fill(env, &records).await?;
     let noop = noops()?;
+    let work = (records.len(), calls(&noop, &records));
     let (mut bare, mut pipe) = (Vec::new(), Vec::new());
+    let (mut bare_cpu, mut pipe_cpu) = (Vec::new(), Vec::new());
+    let per_record_us = |cpu_s: f64| cpu_s * 1e6 / n_kafka as f64;
     for _ in 0..env.repeat {
+        let cpu = cpu_seconds();
         bare.push(bare_consume(env, &topic, n_kafka).await?);
-        pipe.push(pipeline(env, &topic, &records, &noop).await?);
+        bare_cpu.push(per_record_us(cpu_seconds() - cpu));
+        let cpu = cpu_seconds();
+        pipe.push(pipeline(env, &topic, work, &noop).await?);
+        pipe_cpu.push(per_record_us(cpu_seconds() - cpu));
     }
     let (b, p) = (median(bare.clone()), median(pipe.clone()));
-    eprintln!("[bench]   bare {b:.0}/s, pipeline {p:.0}/s");
+    let (bc, pc) = (median(bare_cpu.clone()), median(pipe_cpu.clone()));
+    eprintln!(
+        "[bench]   bare {b:.0}/s ({bc:.1} us CPU per record), pipeline {p:.0}/s ({pc:.1} us CPU per record)"
+    );
     out.insert(
         "pipeline_ceiling".into(),
         json!({
             "records": n_kafka, "bare_consume_per_s": bare, "pipeline_noop_per_s": pipe,
             "median_bare_per_s": b, "median_pipeline_per_s": p, "ratio": p / b,
+            "bare_cpu_us_per_record": bare_cpu, "pipeline_cpu_us_per_record": pipe_cpu,
+            "median_bare_cpu_us_per_record": bc, "median_pipeline_cpu_us_per_record": pc,
         }),
     );
 
@@ -826,7 +866,7 @@ async fn main() -> anyhow::Result<()> {
     let (n_kafka, n_mongo, n_per_event) = if env.quick {
         (5_000, 600, 150)
     } else {
-        (50_000, 4_000, 600)
+        (200_000, 4_000, 600)
     };
     let mut out = serde_json::Map::new();
     out.insert("machine".into(), machine());
@@ -847,10 +887,11 @@ async fn main() -> anyhow::Result<()> {
     let records = workload(n_mongo);
     let topic = fill(&env, &records).await?;
     let handlers = shipped()?;
+    let work = (records.len(), calls(&handlers, &records));
     let (mut ceil, mut ours, mut base) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..env.repeat {
         ceil.push(server_ceiling(&env, &records).await?);
-        ours.push(pipeline(&env, &topic, &records, &handlers).await?);
+        ours.push(pipeline(&env, &topic, work, &handlers).await?);
         base.push(per_event(&env, &topic, n_per_event).await?);
     }
     let (c, o, b) = (

@@ -6,10 +6,11 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::FutureExt;
 use rdkafka::message::{Message, OwnedMessage};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
@@ -17,6 +18,7 @@ use crate::decode::{Decoded, decode};
 use crate::dlq::{DeadLetter, DeadLetterSink};
 use crate::event::OutboxEvent;
 use crate::registry::{EventHandler, HandlerContext, HandlerError, Registry};
+use handles::HandlerMetrics;
 pub use handles::RecordMetrics;
 
 /// Retry and concurrency settings.
@@ -96,7 +98,8 @@ impl Processor {
         let topic = msg.topic();
         let partition = msg.partition();
         let offset = msg.offset();
-        self.metrics.topic(topic).consumed.increment(1);
+        let topic_metrics = self.metrics.topic(topic);
+        topic_metrics.consumed.increment(1);
         match decode(msg) {
             Err(e) => {
                 warn!(topic, partition, offset, error = %e, error_class = e.class(), "Undecodable record; dead-lettering it");
@@ -131,38 +134,51 @@ impl Processor {
             }
             Ok(Decoded::Event(event)) => {
                 let span = info_span!("event", topic, partition, offset, event_id = %event.event_id, event_type = %event.event_type);
-                self.dispatch(msg, &event).instrument(span).await
+                let outcome = self.dispatch(msg, &event).instrument(span).await;
+                if matches!(outcome, RecordOutcome::Processed { .. }) {
+                    topic_metrics.processed.increment(1);
+                }
+                outcome
             }
         }
     }
 
     /// Runs all handlers of the event concurrently, each isolated from the others' errors and panics.
-    pub async fn dispatch(&self, msg: &OwnedMessage, event: &OutboxEvent) -> RecordOutcome {
+    async fn dispatch(&self, msg: &OwnedMessage, event: &OutboxEvent) -> RecordOutcome {
         let handlers = self.registry.handlers_for(&event.event_type);
-        if handlers.is_empty() {
-            debug!("No handler for this event type; skipped");
-            metrics::counter!("event_processor_records_skipped_total", "topic" => event.source.topic.clone(), "reason" => "unknown_event_type")
-                .increment(1);
-            return RecordOutcome::Skipped;
+        let mut handles = self.metrics.route(&self.registry, &event.event_type);
+        let made;
+        if handles.len() != handlers.len() {
+            // Only if the registry was replaced after the routes were made: never run fewer handlers.
+            made = (handlers.iter())
+                .map(|h| self.metrics.handler(h.name(), &event.event_type))
+                .collect::<Vec<_>>();
+            handles = &made;
         }
-        let results = futures::future::join_all(
-            handlers
-                .iter()
-                .map(|h| self.run_handler(h.as_ref(), msg, event)),
-        )
-        .await;
-        if results.contains(&HandlerOutcome::Abandoned) {
-            return RecordOutcome::Abandoned;
-        }
-        self.metrics
-            .topic(&event.source.topic)
-            .processed
-            .increment(1);
-        RecordOutcome::Processed {
-            dead_lettered: results
-                .iter()
-                .filter(|o| **o == HandlerOutcome::DeadLettered)
-                .count(),
+        // The handlers start together: one clock read serves as every first attempt's start. The runtime's clock,
+        // which is the system's unless a test paused it: timeouts are measured on it.
+        let started = Instant::now();
+        match (handlers, handles) {
+            ([], _) => {
+                debug!("No handler for this event type; skipped");
+                metrics::counter!("event_processor_records_skipped_total", "topic" => event.source.topic.clone(), "reason" => "unknown_event_type")
+                    .increment(1);
+                RecordOutcome::Skipped
+            }
+            // Most event types have one handler: no joined set of futures to build.
+            ([h], [m]) => {
+                let outcome = self.run_handler(h.as_ref(), m, started, msg, event).await;
+                record_outcome([outcome])
+            }
+            _ => record_outcome(
+                futures::future::join_all(
+                    handlers
+                        .iter()
+                        .zip(handles)
+                        .map(|(h, m)| self.run_handler(h.as_ref(), m, started, msg, event)),
+                )
+                .await,
+            ),
         }
     }
 
@@ -173,33 +189,37 @@ impl Processor {
             return self.process_record(original).await;
         };
         match decode(original) {
-            Ok(Decoded::Event(event)) => match self.run_handler(h.as_ref(), original, &event).await
-            {
-                HandlerOutcome::Ok => RecordOutcome::Processed { dead_lettered: 0 },
-                HandlerOutcome::DeadLettered => RecordOutcome::Processed { dead_lettered: 1 },
-                HandlerOutcome::Abandoned => RecordOutcome::Abandoned,
-            },
+            Ok(Decoded::Event(event)) => {
+                let m = self.metrics.handler(h.name(), &event.event_type);
+                let outcome =
+                    (self.run_handler(h.as_ref(), &m, Instant::now(), original, &event)).await;
+                record_outcome([outcome])
+            }
             _ => self.process_record(original).await,
         }
     }
 
     /// Runs one handler with retries: transient failures retry with capped exponential backoff until they
     /// succeed or shutdown; permanent failures and panics retry up to `max_attempts`, then dead-letter.
+    /// `started`: when the first attempt starts (the caller has read the clock).
     async fn run_handler(
         &self,
         handler: &dyn EventHandler,
+        handler_metrics: &HandlerMetrics,
+        mut started: Instant,
         msg: &OwnedMessage,
         event: &OutboxEvent,
     ) -> HandlerOutcome {
         let name = handler.name();
-        let handler_metrics = self.metrics.handler(name, &event.event_type);
         let mut failures: u32 = 0;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let started = Instant::now();
-            let call = AssertUnwindSafe(tokio::time::timeout(
-                self.settings.handler_timeout,
+            if attempt > 1 {
+                started = Instant::now();
+            }
+            let call = AssertUnwindSafe(tokio::time::timeout_at(
+                started + self.settings.handler_timeout,
                 handler.handle(event, &self.ctx),
             ))
             .catch_unwind()
@@ -284,6 +304,19 @@ impl Processor {
             _ = tokio::time::sleep(d) => true,
         }
     }
+}
+
+/// A record's outcome from its handlers': abandoned if any was, else processed, counting dead letters.
+fn record_outcome(handlers: impl IntoIterator<Item = HandlerOutcome>) -> RecordOutcome {
+    let mut dead_lettered = 0;
+    for outcome in handlers {
+        match outcome {
+            HandlerOutcome::Abandoned => return RecordOutcome::Abandoned,
+            HandlerOutcome::DeadLettered => dead_lettered += 1,
+            HandlerOutcome::Ok => {}
+        }
+    }
+    RecordOutcome::Processed { dead_lettered }
 }
 
 /// Capped exponential backoff with full jitter in [d/2, d].

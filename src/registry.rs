@@ -99,6 +99,11 @@ impl Registry {
         self.by_type.get(event_type).map_or(&[], Vec::as_slice)
     }
 
+    /// Every event type with its handlers.
+    pub fn routes(&self) -> impl Iterator<Item = (&str, &[Arc<dyn EventHandler>])> {
+        self.by_type.iter().map(|(t, h)| (t.as_str(), h.as_slice()))
+    }
+
     /// The handler with this name, for dead-letter replays.
     pub fn by_name(&self, name: &str) -> Option<&Arc<dyn EventHandler>> {
         self.by_type.values().flatten().find(|h| h.name() == name)

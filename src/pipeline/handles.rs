@@ -1,9 +1,12 @@
 //! Metric handles of the per-record path, looked up once per label set. The `metrics` macros build, hash and
 //! look up a key in the recorder's registry on every call, which cost more than decoding a record's fields.
 
-use std::sync::RwLock;
+use std::collections::HashMap;
+use std::sync::{OnceLock, RwLock};
 
 use metrics::{Counter, Histogram};
+
+use crate::registry::Registry;
 
 /// Handles per pair of label values, found by a linear scan: there are a handful (topics; handler and event
 /// type). Bounded, so a stream of new label values cannot grow it without end: past the bound, handles are
@@ -60,6 +63,9 @@ pub struct HandlerMetrics {
 pub struct RecordMetrics {
     topics: Handles<TopicMetrics>,
     handlers: Handles<HandlerMetrics>,
+    /// Per event type, the handles of its handlers in the registry's order: made once, then read without a lock
+    /// (a lock taken by every handler call on both cores costs more than the lookup).
+    routes: OnceLock<HashMap<String, Vec<HandlerMetrics>>>,
 }
 
 impl RecordMetrics {
@@ -68,6 +74,20 @@ impl RecordMetrics {
             consumed: metrics::counter!("event_processor_records_consumed_total", "topic" => topic.to_string()),
             processed: metrics::counter!("event_processor_records_total", "topic" => topic.to_string(), "outcome" => "processed"),
         })
+    }
+
+    /// The handles of `registry.handlers_for(event_type)`, index for index.
+    pub fn route(&self, registry: &Registry, event_type: &str) -> &[HandlerMetrics] {
+        let routes = self.routes.get_or_init(|| {
+            registry
+                .routes()
+                .map(|(t, handlers)| {
+                    let handles = handlers.iter().map(|h| self.handler(h.name(), t)).collect();
+                    (t.to_string(), handles)
+                })
+                .collect()
+        });
+        routes.get(event_type).map_or(&[], Vec::as_slice)
     }
 
     pub fn handler(&self, handler: &str, event_type: &str) -> HandlerMetrics {
