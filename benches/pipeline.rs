@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Every throughput figure is taken in the same run as its baseline, repeat by repeat, so the ratios hold on a
-//! shared, noisy machine. Prints one JSON document (also written to `BENCH_OUT` if set).
+//! shared, noisy machine. Prints one JSON document (also written to `BENCH_OUT` if set, after each part).
 //!
 //! - **pipeline ceiling**: a bare rdkafka consume loop vs the daemon's pipeline with no-op handlers, over the same
 //!   pre-filled topic of raw Debezium change records (`JsonConverter`, no schemas, as the shipped connector
@@ -689,9 +689,25 @@ fn spawn_daemon(
         .env("MONGODB_DATABASE", db)
         .env("DLQ_TOPIC", format!("{db}.dlq"))
         .env("HTTP_PORT", "0")
-        .env("LOG_LEVEL", "warn")
-        .stdout(std::process::Stdio::null())
+        .env(
+            "LOG_LEVEL",
+            std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(daemon_log(db)?)
         .spawn()?)
+}
+
+/// Where a spawned daemon's log goes: `target/bench/<database>-<n>.log`, kept for a run that goes wrong.
+fn daemon_log(db: &str) -> anyhow::Result<std::fs::File> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    for n in 1.. {
+        let path = dir.join(format!("{db}-{n}.log"));
+        if let Ok(f) = std::fs::File::create_new(&path) {
+            return Ok(f);
+        }
+    }
+    unreachable!("some name is free")
 }
 
 /// CPU time (user and system, every thread, including librdkafka's) this process has used, in seconds: what a
@@ -871,13 +887,23 @@ async fn main() -> anyhow::Result<()> {
     let mut out = serde_json::Map::new();
     out.insert("machine".into(), machine());
     // BENCH_ONLY=pipeline stops after the pipeline ceiling (for profiling it); BENCH_ONLY=mongodb measures only
-    // the throughput with MongoDB.
+    // the throughput with MongoDB; BENCH_ONLY=scaling only one against three processes (once each).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let only_pipeline = only == "pipeline";
     let only_mongodb = only == "mongodb";
+    if only == "scaling" {
+        let records = workload(n_mongo);
+        let (one, three) = (
+            scaling(&env, &records, 1).await?,
+            scaling(&env, &records, 3).await?,
+        );
+        println!("{}", json!({"one_per_s": one, "three_per_s": three}));
+        return Ok(());
+    }
 
     if !only_mongodb {
         pipeline_ceiling(&env, n_kafka, &mut out).await?;
+        save(&out)?;
     }
     if only_pipeline {
         println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
@@ -906,6 +932,7 @@ async fn main() -> anyhow::Result<()> {
         "median_server_ceiling_per_s": c, "median_pipeline_per_s": o, "median_per_event_per_s": b,
         "ratio_to_ceiling": o / c, "ratio_to_per_event": o / b,
     }));
+    save(&out)?;
     if only_mongodb {
         println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
         return Ok(());
@@ -934,6 +961,7 @@ async fn main() -> anyhow::Result<()> {
     }
     lat.insert(format!("postgres_{rate}_per_s"), summarize(runs));
     out.insert("latency".into(), Value::Object(lat));
+    save(&out)?;
 
     if env.bin.is_some() {
         let rate = (o / 2.0).max(1.0).round();
@@ -943,6 +971,7 @@ async fn main() -> anyhow::Result<()> {
             "resident_memory".into(),
             json!({"rate_per_s": rate, "median_mib": med, "max_mib": max}),
         );
+        save(&out)?;
         let records = workload(n_mongo);
         let (mut one, mut three) = (Vec::new(), Vec::new());
         for _ in 0..env.repeat.min(2) {
@@ -963,11 +992,17 @@ async fn main() -> anyhow::Result<()> {
         bail!("BENCH_BIN is not set: build the release binary and point BENCH_BIN at it");
     }
 
-    let doc = serde_json::to_string_pretty(&Value::Object(out))?;
+    save(&out)?;
+    println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
+    Ok(())
+}
+
+/// Writes what is measured so far to `BENCH_OUT` (if set), after every part: a part that fails late does not
+/// take the earlier ones with it.
+fn save(out: &serde_json::Map<String, Value>) -> anyhow::Result<()> {
     if let Some(path) = std::env::var_os("BENCH_OUT") {
-        std::fs::write(path, &doc)?;
+        std::fs::write(path, serde_json::to_string_pretty(out)?)?;
     }
-    println!("{doc}");
     Ok(())
 }
 
