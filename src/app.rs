@@ -214,7 +214,7 @@ impl Loop<'_> {
     async fn poll(&mut self) -> Option<Vec<OwnedMessage>> {
         let max = self.config.kafka_max_poll_records;
         let mut batch: Vec<OwnedMessage> = Vec::with_capacity(max);
-        self.drop_revoked();
+        self.drop_revoked(&mut batch);
         let tick = tokio::time::sleep(COMMIT_INTERVAL);
         tokio::pin!(tick);
         loop {
@@ -246,7 +246,7 @@ impl Loop<'_> {
                     tick.as_mut().reset(tokio::time::Instant::now() + COMMIT_INTERVAL);
                 }
             }
-            self.drop_revoked();
+            self.drop_revoked(&mut batch);
         }
         let linger = tokio::time::sleep(Duration::from_millis(self.config.kafka_poll_linger_ms));
         tokio::pin!(linger);
@@ -260,6 +260,8 @@ impl Loop<'_> {
                 _ = &mut linger => break,
             }
         }
+        // A rebalance runs inside `recv`: records received before a revoke may be in the batch already.
+        self.drop_revoked(&mut batch);
         Some(batch)
     }
 
@@ -389,16 +391,21 @@ impl Loop<'_> {
         }
     }
 
-    fn drop_revoked(&mut self) {
+    /// Forgets the records of partitions revoked since the last call, held back (`carry`) or received into the
+    /// batch being built. Submitted, they would be tracked as a new assignment of a partition another consumer
+    /// now owns, and their finished offsets committed over that owner's.
+    fn drop_revoked(&mut self, batch: &mut Vec<OwnedMessage>) {
         let revoked: Vec<Tp> = match self.revoked.lock() {
             Ok(mut r) => std::mem::take(&mut *r),
             Err(_) => return,
         };
-        if revoked.is_empty() || self.carry.is_empty() {
-            return;
+        let dropped = drop_records_of(&revoked, &mut self.carry) + drop_records_of(&revoked, batch);
+        if dropped > 0 {
+            debug!(
+                dropped,
+                "Dropped received records of revoked partitions; their next owner reads them"
+            );
         }
-        self.carry
-            .retain(|m| !revoked.contains(&(m.topic().to_string(), m.partition())));
     }
 
     fn periodic_stats(&mut self) {
@@ -414,5 +421,58 @@ impl Loop<'_> {
                 "Progress"
             );
         }
+    }
+}
+
+/// Removes the records of `revoked` partitions from `records`; how many.
+fn drop_records_of(revoked: &[Tp], records: &mut Vec<OwnedMessage>) -> usize {
+    if revoked.is_empty() || records.is_empty() {
+        return 0;
+    }
+    let before = records.len();
+    records.retain(|m| {
+        !revoked
+            .iter()
+            .any(|(t, p)| *p == m.partition() && t == m.topic())
+    });
+    before - records.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(topic: &str, partition: i32, offset: i64) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            None,
+            topic.into(),
+            rdkafka::Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
+    }
+
+    #[test]
+    fn records_of_revoked_partitions_are_dropped_and_the_others_kept_in_order() {
+        let mut batch = vec![
+            record("a", 0, 1),
+            record("a", 1, 1),
+            record("b", 0, 1),
+            record("a", 0, 2),
+            record("a", 2, 1),
+        ];
+        let revoked = vec![("a".to_string(), 0), ("b".to_string(), 3)];
+        assert_eq!(drop_records_of(&revoked, &mut batch), 2);
+        let left: Vec<(String, i32, i64)> = batch
+            .iter()
+            .map(|m| (m.topic().to_string(), m.partition(), m.offset()))
+            .collect();
+        assert_eq!(
+            left,
+            [("a".into(), 1, 1), ("b".into(), 0, 1), ("a".into(), 2, 1)]
+        );
+        assert_eq!(drop_records_of(&[], &mut batch), 0, "nothing revoked");
     }
 }
