@@ -150,7 +150,8 @@ impl Processor {
         let made;
         if handles.len() != handlers.len() {
             // Only if the registry was replaced after the routes were made: never run fewer handlers.
-            made = (handlers.iter())
+            made = handlers
+                .iter()
                 .map(|h| self.metrics.handler(h.name(), &event.event_type))
                 .collect::<Vec<_>>();
             handles = &made;
@@ -191,8 +192,10 @@ impl Processor {
         match decode(original) {
             Ok(Decoded::Event(event)) => {
                 let m = self.metrics.handler(h.name(), &event.event_type);
-                let outcome =
-                    (self.run_handler(h.as_ref(), &m, Instant::now(), original, &event)).await;
+                let now = Instant::now();
+                let outcome = self
+                    .run_handler(h.as_ref(), &m, now, original, &event)
+                    .await;
                 record_outcome([outcome])
             }
             _ => self.process_record(original).await,
