@@ -25,6 +25,12 @@ use crate::store;
 /// Finished records are committed at most this often (and on revoke and shutdown).
 const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Every partition's position is sent again this often, changed or not. The result of an asynchronous commit
+/// never reaches the consumer context (rdkafka 0.39 gives no event for it), so a commit the broker refuses (e.g.
+/// "generation id is not valid" during a rebalance) would otherwise stay refused until the partition's next
+/// finished record, which may never come: the partition would sit below its end for good.
+const COMMIT_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+
 /// How long the in-flight limit may hold the loop before it pauses the partitions and polls on without taking
 /// records. Shorter stalls just leave records in librdkafka's queue: pausing drops its prefetched records, and
 /// refetching them costs more than the wait.
@@ -125,6 +131,7 @@ pub async fn run_with_registry(
         paused: None,
         full_since: None,
         last_commit: Instant::now(),
+        last_refresh: Instant::now(),
         last_stats: Instant::now(),
     };
     let result = lp.run().await;
@@ -189,6 +196,8 @@ struct Loop<'a> {
     /// Since when the in-flight limit holds the loop.
     full_since: Option<Instant>,
     last_commit: Instant,
+    /// When every position was last sent again (see [`COMMIT_REFRESH_INTERVAL`]).
+    last_refresh: Instant,
     last_stats: Instant,
 }
 
@@ -343,11 +352,16 @@ impl Loop<'_> {
         }
     }
 
-    /// Commits, per partition, up to the first unfinished record. Asynchronous: the result is handled by the
-    /// consumer context, and a failed commit is sent again with the next one.
+    /// Commits, per partition, up to the first unfinished record. Asynchronous, so the loop never waits for the
+    /// broker; every [`COMMIT_REFRESH_INTERVAL`] all positions go again, which repairs a commit that was refused.
     async fn commit_finished(&mut self) {
         self.last_commit = Instant::now();
+        let refresh = self.last_refresh.elapsed() >= COMMIT_REFRESH_INTERVAL;
+        if refresh {
+            self.last_refresh = self.last_commit;
+        }
         let offsets = match self.tracker.lock() {
+            Ok(mut t) if refresh => t.positions(),
             Ok(mut t) => t.committable(),
             Err(_) => return,
         };

@@ -142,7 +142,9 @@ impl ConsumerContext for ProcessorContext {
     }
 
     /// Results of commits (the loop's are asynchronous: it never blocks on the broker). A failed commit is
-    /// forgotten by the tracker, so the next commit sends those offsets again.
+    /// forgotten by the tracker, so the next commit sends those offsets again. rdkafka 0.39 does not call this for
+    /// manual asynchronous commits (fede1024/rust-rdkafka#856): until it does, the loop's periodic re-send of
+    /// every position is what repairs a refused commit, and the commit latency histogram stays empty.
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         if let Some(issued) = self.commit_issued.lock().ok().and_then(|mut i| i.take()) {
             metrics::histogram!("event_processor_commit_duration_seconds")
@@ -221,11 +223,10 @@ pub fn create_consumer(config: &Config, context: ProcessorContext) -> KafkaResul
     Ok(consumer)
 }
 
-/// Commits the given offsets synchronously on a blocking thread (librdkafka's commit blocks) and records the
-/// latency. Returns whether the broker accepted them.
-/// Sends a commit without waiting for the broker: the result arrives in
-/// [`ProcessorContext::commit_callback`] on a later poll. A synchronous commit can wait forever while the group
-/// coordinator is away (a broker restart), and the loop must keep polling through that.
+/// Sends a commit without waiting for the broker. A synchronous commit can wait forever while the group
+/// coordinator is away (a broker restart), and the loop must keep polling through that. The result is meant to
+/// arrive in [`ProcessorContext::commit_callback`], but with rdkafka 0.39 it does not (a manual asynchronous commit
+/// produces no event), so the loop sends every position again periodically instead of relying on it.
 pub fn commit_async(consumer: &Kafka, offsets: &[(Tp, i64)]) -> KafkaResult<()> {
     if offsets.is_empty() {
         return Ok(());
