@@ -244,8 +244,7 @@ impl Loop<'_> {
                 _ = self.shutdown.cancelled() => return None,
                 r = self.consumer.recv(), if receive => match r {
                     // Paused partitions may still hand out what was fetched before the pause: keep it for later.
-                    Ok(m) if full => self.carry.push(m.detach()),
-                    Ok(m) => batch.push(m.detach()),
+                    Ok(m) => self.take(m.detach(), &mut batch, full),
                     Err(e) => self.recv_error(e).await,
                 },
                 _ = self.dispatcher.progressed() => self.commit_if_due().await,
@@ -263,15 +262,27 @@ impl Loop<'_> {
             tokio::select! {
                 biased;
                 r = self.consumer.recv() => match r {
-                    Ok(m) => batch.push(m.detach()),
+                    Ok(m) => self.take(m.detach(), &mut batch, false),
                     Err(e) => { self.recv_error(e).await; break; }
                 },
                 _ = &mut linger => break,
             }
         }
-        // A rebalance runs inside `recv`: records received before a revoke may be in the batch already.
+        // A revoke in a `recv` that returned no record (the linger ended first) postdates the whole batch.
         self.drop_revoked(&mut batch);
         Some(batch)
+    }
+
+    /// Takes a record `recv` returned into the batch (into `carry` while `hold`), after dropping the records of
+    /// partitions revoked so far. A rebalance runs inside `recv`: every record taken before it was fetched under
+    /// the old assignment, but the one this `recv` returned was fetched after it (librdkafka discards what an
+    /// earlier assignment fetched), even from a partition revoked and assigned back meanwhile. Dropping it would
+    /// skip it for good: the consumer has moved past it, and the later records of its partition would be
+    /// committed over it.
+    fn take(&mut self, m: OwnedMessage, batch: &mut Vec<OwnedMessage>, hold: bool) {
+        let revoked = self.take_revoked();
+        let dropped = admit(&revoked, &mut self.carry, batch, m, hold);
+        log_dropped(dropped, &revoked);
     }
 
     /// Pauses every assigned partition once it has been `full` for [`PAUSE_AFTER`], resumes those still assigned
@@ -409,17 +420,17 @@ impl Loop<'_> {
     /// batch being built. Submitted, they would be tracked as a new assignment of a partition another consumer
     /// now owns, and their finished offsets committed over that owner's.
     fn drop_revoked(&mut self, batch: &mut Vec<OwnedMessage>) {
-        let revoked: Vec<Tp> = match self.revoked.lock() {
-            Ok(mut r) => std::mem::take(&mut *r),
-            Err(_) => return,
-        };
+        let revoked = self.take_revoked();
         let dropped = drop_records_of(&revoked, &mut self.carry) + drop_records_of(&revoked, batch);
-        if dropped > 0 {
-            debug!(
-                dropped,
-                "Dropped received records of revoked partitions; their next owner reads them"
-            );
-        }
+        log_dropped(dropped, &revoked);
+    }
+
+    /// The partitions revoked since the last call.
+    fn take_revoked(&self) -> Vec<Tp> {
+        self.revoked
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default()
     }
 
     fn periodic_stats(&mut self) {
@@ -435,6 +446,34 @@ impl Loop<'_> {
                 "Progress"
             );
         }
+    }
+}
+
+/// Drops the held records (`carry`, `batch`) of `revoked` partitions, then holds `m`, which was received after
+/// the revoke, in `carry` while `hold`, else in `batch`; how many were dropped.
+fn admit(
+    revoked: &[Tp],
+    carry: &mut Vec<OwnedMessage>,
+    batch: &mut Vec<OwnedMessage>,
+    m: OwnedMessage,
+    hold: bool,
+) -> usize {
+    let dropped = drop_records_of(revoked, carry) + drop_records_of(revoked, batch);
+    if hold {
+        carry.push(m);
+    } else {
+        batch.push(m);
+    }
+    dropped
+}
+
+fn log_dropped(dropped: usize, revoked: &[Tp]) {
+    if dropped > 0 {
+        info!(
+            dropped,
+            partitions = ?revoked,
+            "Dropped received records of revoked partitions; their next owner reads them"
+        );
     }
 }
 
@@ -479,14 +518,36 @@ mod tests {
         ];
         let revoked = vec![("a".to_string(), 0), ("b".to_string(), 3)];
         assert_eq!(drop_records_of(&revoked, &mut batch), 2);
-        let left: Vec<(String, i32, i64)> = batch
-            .iter()
-            .map(|m| (m.topic().to_string(), m.partition(), m.offset()))
-            .collect();
         assert_eq!(
-            left,
+            places(&batch),
             [("a".into(), 1, 1), ("b".into(), 0, 1), ("a".into(), 2, 1)]
         );
         assert_eq!(drop_records_of(&[], &mut batch), 0, "nothing revoked");
+    }
+
+    fn places(records: &[OwnedMessage]) -> Vec<(String, i32, i64)> {
+        records
+            .iter()
+            .map(|m| (m.topic().to_string(), m.partition(), m.offset()))
+            .collect()
+    }
+
+    /// A partition revoked and assigned back within one `recv`: the records held from before go, the record that
+    /// `recv` returned (fetched again from the committed offset) stays.
+    #[test]
+    fn a_record_received_after_its_partition_came_back_is_kept() {
+        let revoked = vec![("a".to_string(), 0)];
+        let mut carry = vec![record("a", 0, 7), record("a", 1, 7)];
+        let mut batch = vec![record("a", 0, 8), record("b", 0, 1)];
+        let dropped = admit(&revoked, &mut carry, &mut batch, record("a", 0, 5), false);
+        assert_eq!(dropped, 2);
+        assert_eq!(places(&carry), [("a".into(), 1, 7)]);
+        assert_eq!(places(&batch), [("b".into(), 0, 1), ("a".into(), 0, 5)]);
+
+        // Held back while full: it goes to `carry`, behind what is left there.
+        let dropped = admit(&[], &mut carry, &mut batch, record("a", 0, 6), true);
+        assert_eq!(dropped, 0);
+        assert_eq!(places(&carry), [("a".into(), 1, 7), ("a".into(), 0, 6)]);
+        assert_eq!(batch.len(), 2);
     }
 }

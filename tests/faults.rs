@@ -199,6 +199,32 @@ fn record(scenario: &str, v: Verdict, dead_lettered: usize, recovery: Duration, 
 
 struct Proc {
     child: Child,
+    name: String,
+}
+
+/// A test that fails with the daemon still running stops it, and prints what the daemon did last (its log without
+/// the per-batch lines), so a failure far from the machine it ran on can be read from the test's output.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(log_path(&self.name)).unwrap_or_default();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.contains(r#""message":"Batch done""#))
+            .collect();
+        eprintln!(
+            "--- the last lines of daemon {} (of {} without 'Batch done'):",
+            self.name,
+            lines.len()
+        );
+        for l in &lines[lines.len().saturating_sub(40)..] {
+            eprintln!("{}", l.chars().take(400).collect::<String>());
+        }
+    }
 }
 
 impl Proc {
@@ -229,7 +255,10 @@ impl Proc {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("starting the event-processor binary");
-        Proc { child }
+        Proc {
+            child,
+            name: name.to_string(),
+        }
     }
 
     /// SIGKILL: no drain, no commit, no goodbye to the group.

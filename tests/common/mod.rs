@@ -8,7 +8,7 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::sync::{Arc, Once};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use event_processor::{Config, Registry};
@@ -221,6 +221,22 @@ impl TestEnv {
     /// Committed offsets of this test's group, per partition (`None`: nothing committed).
     pub fn committed(&self, partitions: i32) -> Vec<Option<i64>> {
         committed(&self.kafka, &self.group, &self.topic, partitions)
+    }
+
+    /// Each partition's end offset (`None`: the broker did not answer).
+    pub fn end_offsets(&self, partitions: i32) -> Vec<Option<i64>> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.kafka)
+            .create()
+            .expect("consumer");
+        (0..partitions)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(&self.topic, p, Duration::from_secs(5))
+                    .ok()
+                    .map(|(_, high)| high)
+            })
+            .collect()
     }
 
     pub async fn count(&self, coll: &str, filter: Document) -> u64 {
@@ -512,24 +528,27 @@ where
     }
 }
 
-/// The sum of committed offsets equals `total` (everything produced is finished and committed).
+/// The sum of committed offsets equals `total` (everything produced is finished and committed). On timeout the
+/// failure names each partition's committed offset and end.
 pub async fn wait_committed(env: &TestEnv, partitions: i32, total: i64, timeout: Duration) {
-    let env_ref = Arc::new((env.kafka.clone(), env.group.clone(), env.topic.clone()));
-    wait_until(
-        &format!("committed offsets to reach {total}"),
-        timeout,
-        || {
-            let e = env_ref.clone();
-            async move {
-                tokio::task::spawn_blocking(move || committed(&e.0, &e.1, &e.2, partitions))
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(|o| o.unwrap_or(0))
-                    .sum::<i64>()
-                    >= total
-            }
-        },
-    )
-    .await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (kafka, group, topic) = (env.kafka.clone(), env.group.clone(), env.topic.clone());
+        let offsets =
+            tokio::task::spawn_blocking(move || committed(&kafka, &group, &topic, partitions))
+                .await
+                .unwrap();
+        if offsets.iter().map(|o| o.unwrap_or(0)).sum::<i64>() >= total {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let ends = env.end_offsets(partitions);
+            panic!(
+                "timed out after {timeout:?} waiting for committed offsets to reach {total}; per partition \
+                 (committed, end): {:?}",
+                offsets.iter().zip(ends).collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
