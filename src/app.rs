@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::Consumer;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use tokio_util::sync::CancellationToken;
@@ -25,11 +26,9 @@ use crate::store;
 /// Finished records are committed at most this often (and on revoke and shutdown).
 const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Every partition's position is sent again this often, changed or not. The result of an asynchronous commit
-/// never reaches the consumer context (rdkafka 0.39 gives no event for it), so a commit the broker refuses (e.g.
-/// "generation id is not valid" during a rebalance) would otherwise stay refused until the partition's next
-/// finished record, which may never come: the partition would sit below its end for good.
-const COMMIT_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// A commit unanswered for this long is reported (once) as slow; librdkafka ends it within the session timeout
+/// plus the request timeout, and the next commit waits for it.
+const COMMIT_SLOW: Duration = Duration::from_secs(15);
 
 /// How long the in-flight limit may hold the loop before it pauses the partitions and polls on without taking
 /// records. Shorter stalls just leave records in librdkafka's queue: pausing drops its prefetched records, and
@@ -101,7 +100,6 @@ pub async fn run_with_registry(
                 health: health.clone(),
                 revoked: revoked.clone(),
                 drain_timeout: config.rebalance_drain_timeout(),
-                commit_issued: Mutex::new(None),
             },
         )
         .context("creating the Kafka consumer (KAFKA_BOOTSTRAP_SERVERS, KAFKA_TOPICS)")?,
@@ -131,7 +129,7 @@ pub async fn run_with_registry(
         paused: None,
         full_since: None,
         last_commit: Instant::now(),
-        last_refresh: Instant::now(),
+        commit: None,
         last_stats: Instant::now(),
     };
     let result = lp.run().await;
@@ -196,8 +194,8 @@ struct Loop<'a> {
     /// Since when the in-flight limit holds the loop.
     full_since: Option<Instant>,
     last_commit: Instant,
-    /// When every position was last sent again (see [`COMMIT_REFRESH_INTERVAL`]).
-    last_refresh: Instant,
+    /// The commit sent and not answered yet: one at a time, so they land in order.
+    commit: Option<PendingCommit>,
     last_stats: Instant,
 }
 
@@ -363,41 +361,69 @@ impl Loop<'_> {
         }
     }
 
-    /// Commits, per partition, up to the first unfinished record. Asynchronous, so the loop never waits for the
-    /// broker; every [`COMMIT_REFRESH_INTERVAL`] all positions go again, which repairs a commit that was refused.
+    /// Commits, per partition, up to the first unfinished record. On a blocking thread, so the loop never waits
+    /// for the broker, and one at a time: while one is unanswered the next waits (what finishes meanwhile goes
+    /// with it). A refused commit leaves the tracker as it was, so the next one sends those offsets again.
     async fn commit_finished(&mut self) {
         self.last_commit = Instant::now();
-        let refresh = self.last_refresh.elapsed() >= COMMIT_REFRESH_INTERVAL;
-        if refresh {
-            self.last_refresh = self.last_commit;
+        if !self.commit_answered().await {
+            return;
         }
         let offsets = match self.tracker.lock() {
-            Ok(mut t) if refresh => t.positions(),
             Ok(mut t) => t.committable(),
             Err(_) => return,
         };
         if offsets.is_empty() {
             return;
         }
-        match kafka::commit_async(&self.consumer, &offsets) {
+        self.commit = Some(PendingCommit {
+            task: kafka::spawn_commit(&self.consumer, offsets.clone()),
+            offsets,
+            sent: Instant::now(),
+            reported_slow: false,
+        });
+    }
+
+    /// Takes in the answer to the commit sent last, if it came; false while it is still awaited.
+    async fn commit_answered(&mut self) -> bool {
+        let Some(c) = self.commit.as_mut() else {
+            return true;
+        };
+        if !c.task.is_finished() {
+            if !c.reported_slow && c.sent.elapsed() >= COMMIT_SLOW {
+                c.reported_slow = true;
+                warn!(waited_s = c.sent.elapsed().as_secs(), offsets = ?c.offsets, "Commit not answered yet; later commits wait for it");
+            }
+            return false;
+        }
+        let Some(c) = self.commit.take() else {
+            return true;
+        };
+        let result = c.task.await.unwrap_or(Err(KafkaError::Canceled));
+        match result {
             Ok(()) => {
-                debug!(?offsets, "Commit sent");
+                debug!(offsets = ?c.offsets, "Offsets committed");
                 if let Ok(mut t) = self.tracker.lock() {
-                    t.committed(&offsets);
+                    t.committed(&c.offsets);
                 }
+                self.health.commit_result(true);
             }
             Err(e) => {
-                // Not fatal: the records are finished and will be committed with the next batch (or redone,
-                // idempotently, by the next owner).
-                error!(error = %e, ?offsets, "Commit failed");
-                metrics::counter!("event_processor_commit_failures_total").increment(1);
+                // Not fatal: the records are finished; the next commit sends their offsets again (or the next
+                // owner redoes them, idempotently).
+                warn!(error = %e, offsets = ?c.offsets, "Offset commit failed; it is sent again with the next one");
                 self.health.commit_result(false);
             }
         }
+        true
     }
 
-    /// The last commit before leaving: synchronous, bounded by `SHUTDOWN_TIMEOUT_MS`.
+    /// The last commit before leaving: after the one in flight, synchronous, bounded by `SHUTDOWN_TIMEOUT_MS`.
     async fn commit_final(&mut self) {
+        if let Some(c) = self.commit.as_mut() {
+            let _ = tokio::time::timeout(self.config.shutdown_timeout(), &mut c.task).await;
+            self.commit = None;
+        }
         let offsets = match self.tracker.lock() {
             Ok(mut t) => t.positions(),
             Err(_) => return,
@@ -447,6 +473,14 @@ impl Loop<'_> {
             );
         }
     }
+}
+
+/// A commit sent from the loop and not yet answered.
+struct PendingCommit {
+    task: tokio::task::JoinHandle<KafkaResult<()>>,
+    offsets: Vec<(Tp, i64)>,
+    sent: Instant,
+    reported_slow: bool,
 }
 
 /// Drops the held records (`carry`, `batch`) of `revoked` partitions, then holds `m`, which was received after

@@ -12,7 +12,6 @@ use common::*;
 use event_processor::{EventHandler, HandlerContext, HandlerError, OutboxEvent, Registry};
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -201,31 +200,10 @@ fn url_parts(url: &str) -> UrlParts {
     }
 }
 
-/// A minimal HTTP/1.1 client for the Kafka Connect REST API.
+/// A request to the Kafka Connect REST API: status and JSON body.
 async fn http(base: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-    let hostport = base.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = tokio::net::TcpStream::connect(hostport)
-        .await
-        .expect("Kafka Connect (KAFKA_CONNECT_URL)");
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\nAccept: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let (code, body) =
+        http_request(base, method, path, body.map(Value::to_string).as_deref()).await;
     // Chunked bodies: keep the JSON between the first '{' and the last '}'.
     let body = match (body.find('{'), body.rfind('}')) {
         (Some(a), Some(b)) if b > a => body[a..=b].to_string(),

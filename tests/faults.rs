@@ -9,9 +9,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::process::{Proc, log_lines, log_path};
 use common::{Rec, TestEnv, change_event, committed, new_id, read_all, wait_until};
 use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
@@ -196,99 +197,6 @@ fn record(scenario: &str, v: Verdict, dead_lettered: usize, recovery: Duration, 
 
 // ---------------------------------------------------------------------------------------------------------------
 // The daemon as a process, and the services.
-
-struct Proc {
-    child: Child,
-    name: String,
-}
-
-/// A test that fails with the daemon still running stops it, and prints what the daemon did last (its log without
-/// the per-batch lines), so a failure far from the machine it ran on can be read from the test's output.
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let text = std::fs::read_to_string(log_path(&self.name)).unwrap_or_default();
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.contains(r#""message":"Batch done""#))
-            .collect();
-        eprintln!(
-            "--- the last lines of daemon {} (of {} without 'Batch done'):",
-            self.name,
-            lines.len()
-        );
-        for l in &lines[lines.len().saturating_sub(40)..] {
-            eprintln!("{}", l.chars().take(400).collect::<String>());
-        }
-    }
-}
-
-impl Proc {
-    fn start(env: &TestEnv, name: &str) -> Proc {
-        std::fs::create_dir_all(log_path(name).parent().unwrap()).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path(name))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_event-processor"))
-            .arg("run")
-            .env_clear()
-            .env("KAFKA_BOOTSTRAP_SERVERS", &env.kafka)
-            .env("MONGODB_URI", &env.mongo_uri)
-            .env("MONGODB_DATABASE", &env.db_name)
-            .env("KAFKA_TOPICS", &env.topic)
-            .env("KAFKA_GROUP_ID", &env.group)
-            .env("DLQ_TOPIC", &env.dlq)
-            .env("HTTP_PORT", "0")
-            .env("LOG_LEVEL", "info")
-            .env("LOG_FORMAT", "json")
-            .env("KAFKA_SESSION_TIMEOUT_MS", "10000")
-            .env("SHUTDOWN_TIMEOUT_MS", "5000")
-            .env("RETRY_INITIAL_BACKOFF_MS", "50")
-            .env("RETRY_MAX_BACKOFF_MS", "2000")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("starting the event-processor binary");
-        Proc {
-            child,
-            name: name.to_string(),
-        }
-    }
-
-    /// SIGKILL: no drain, no commit, no goodbye to the group.
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// SIGTERM, and the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.child.wait().unwrap()
-    }
-}
-
-/// Where the daemon started as `name` writes its log.
-fn log_path(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/faults/{name}.log"))
-}
-
-/// The lines of a daemon's log (`LOG_FORMAT=json`).
-fn log_lines(name: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(log_path(name))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
 
 /// The partition numbers of a rebalance log line (`partitions: [("topic", 0), ...]`).
 fn partitions_of(line: &serde_json::Value) -> Vec<i32> {

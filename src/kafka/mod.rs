@@ -22,7 +22,7 @@ pub use offsets::{OffsetTracker, Tp};
 /// The consumer with its context.
 pub type Kafka = StreamConsumer<ProcessorContext>;
 
-/// Receives librdkafka's callbacks: rebalances, commit results, statistics. Runs on the thread that polls, so it
+/// Receives librdkafka's callbacks: rebalances and statistics. Runs on the thread that polls, so it
 /// only commits what is finished (bounded by the commit timeout) and updates shared state.
 pub struct ProcessorContext {
     pub tracker: Arc<Mutex<OffsetTracker>>,
@@ -31,8 +31,6 @@ pub struct ProcessorContext {
     pub revoked: Arc<Mutex<Vec<Tp>>>,
     /// How long a revoke waits for in-flight records of the revoked partitions.
     pub drain_timeout: Duration,
-    /// When the last asynchronous commit was issued (its callback records the latency).
-    pub commit_issued: Mutex<Option<Instant>>,
 }
 
 impl ProcessorContext {
@@ -140,36 +138,6 @@ impl ConsumerContext for ProcessorContext {
             }
         }
     }
-
-    /// Results of commits (the loop's are asynchronous: it never blocks on the broker). A failed commit is
-    /// forgotten by the tracker, so the next commit sends those offsets again. rdkafka 0.39 does not call this for
-    /// manual asynchronous commits (fede1024/rust-rdkafka#856): until it does, the loop's periodic re-send of
-    /// every position is what repairs a refused commit, and the commit latency histogram stays empty.
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        if let Some(issued) = self.commit_issued.lock().ok().and_then(|mut i| i.take()) {
-            metrics::histogram!("event_processor_commit_duration_seconds")
-                .record(issued.elapsed().as_secs_f64());
-        }
-        match result {
-            Ok(()) => {
-                tracing::debug!(offsets = ?tpl_to_offsets(offsets), "Offsets committed");
-                self.health.commit_result(true);
-            }
-            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                metrics::counter!("event_processor_commit_failures_total").increment(1);
-                let failed: Vec<(Tp, i64)> = tpl_to_offsets(offsets)
-                    .into_iter()
-                    .filter_map(|(topic, partition, next)| Some(((topic, partition), next?)))
-                    .collect();
-                tracing::warn!(error = %e, offsets = ?failed, "Offset commit failed; it is retried with the next one");
-                self.health.commit_result(false);
-                if let Ok(mut t) = self.tracker.lock() {
-                    t.commit_failed(&failed);
-                }
-            }
-        }
-    }
 }
 
 /// Builds and subscribes the consumer.
@@ -223,18 +191,29 @@ pub fn create_consumer(config: &Config, context: ProcessorContext) -> KafkaResul
     Ok(consumer)
 }
 
-/// Sends a commit without waiting for the broker. A synchronous commit can wait forever while the group
-/// coordinator is away (a broker restart), and the loop must keep polling through that. The result is meant to
-/// arrive in [`ProcessorContext::commit_callback`], but with rdkafka 0.39 it does not (a manual asynchronous commit
-/// produces no event), so the loop sends every position again periodically instead of relying on it.
-pub fn commit_async(consumer: &Kafka, offsets: &[(Tp, i64)]) -> KafkaResult<()> {
-    if offsets.is_empty() {
-        return Ok(());
-    }
-    if let Ok(mut issued) = consumer.context().commit_issued.lock() {
-        issued.get_or_insert_with(Instant::now);
-    }
-    consumer.commit(&to_tpl(offsets)?, CommitMode::Async)
+/// A commit on a blocking thread, so that its result comes back (the result of an asynchronous one never reaches
+/// the consumer context with rdkafka 0.39, fede1024/rust-rdkafka#856) while the loop goes on polling. librdkafka
+/// bounds it: a commit waiting for the group coordinator fails after the session timeout. Records its duration and
+/// failure in the metrics; "nothing to commit" is success.
+pub fn spawn_commit(
+    consumer: &Arc<Kafka>,
+    offsets: Vec<(Tp, i64)>,
+) -> tokio::task::JoinHandle<KafkaResult<()>> {
+    let c = Arc::clone(consumer);
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let res = to_tpl(&offsets).and_then(|tpl| c.commit(&tpl, CommitMode::Sync));
+        metrics::histogram!("event_processor_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match res {
+            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => Ok(()),
+            Err(e) => {
+                metrics::counter!("event_processor_commit_failures_total").increment(1);
+                Err(e)
+            }
+            Ok(()) => Ok(()),
+        }
+    })
 }
 
 /// A synchronous commit for the last one before leaving, given up after `timeout`.
@@ -246,23 +225,10 @@ pub async fn commit_sync(
     if offsets.is_empty() {
         return Ok(());
     }
-    let c = Arc::clone(consumer);
-    let started = Instant::now();
-    let call = tokio::task::spawn_blocking(move || {
-        let tpl = to_tpl(&offsets)?;
-        c.commit(&tpl, CommitMode::Sync)
-    });
-    let res = match tokio::time::timeout(timeout, call).await {
+    match tokio::time::timeout(timeout, spawn_commit(consumer, offsets)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err(KafkaError::Canceled),
-        Err(_) => Err(KafkaError::Canceled),
-    };
-    metrics::histogram!("event_processor_commit_duration_seconds")
-        .record(started.elapsed().as_secs_f64());
-    if res.is_err() {
-        metrics::counter!("event_processor_commit_failures_total").increment(1);
+        Ok(Err(_)) | Err(_) => Err(KafkaError::Canceled),
     }
-    res
 }
 
 pub fn to_tpl(offsets: &[(Tp, i64)]) -> KafkaResult<TopicPartitionList> {
@@ -277,13 +243,6 @@ pub fn tpl_to_vec(tpl: &TopicPartitionList) -> Vec<Tp> {
     tpl.elements()
         .iter()
         .map(|e| (e.topic().to_string(), e.partition()))
-        .collect()
-}
-
-fn tpl_to_offsets(tpl: &TopicPartitionList) -> Vec<(String, i32, Option<i64>)> {
-    tpl.elements()
-        .iter()
-        .map(|e| (e.topic().to_string(), e.partition(), e.offset().to_raw()))
         .collect()
 }
 

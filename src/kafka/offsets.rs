@@ -149,7 +149,7 @@ impl OffsetTracker {
         out
     }
 
-    /// The broker accepted these commits.
+    /// The broker accepted these commits; until then [`Self::committable`] keeps offering them.
     pub fn committed(&mut self, offsets: &[(Tp, i64)]) {
         for ((topic, partition), next) in offsets {
             if let Some(p) = self.get_mut(topic, *partition) {
@@ -168,17 +168,6 @@ impl OffsetTracker {
             .collect();
         out.sort();
         out
-    }
-
-    /// The broker refused these commits: forget that they were sent, so the next commit sends them again.
-    pub fn commit_failed(&mut self, offsets: &[(Tp, i64)]) {
-        for ((topic, partition), next) in offsets {
-            if let Some(p) = self.get_mut(topic, *partition)
-                && p.committed == Some(*next)
-            {
-                p.committed = None;
-            }
-        }
     }
 
     /// Forgets partitions that were revoked, returning what of theirs is committable first.
@@ -233,17 +222,19 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_commit_is_sent_again_and_the_final_commit_sends_every_position() {
+    fn offsets_go_again_until_their_commit_is_accepted_and_the_final_commit_sends_every_position() {
         let mut t = OffsetTracker::new();
         t.track("t", 0, 0);
         t.finish("t", 0, 0, generation_of(&t, 0));
         let sent = t.committable();
         assert_eq!(sent, vec![(tp(0), 1)]);
+        assert_eq!(
+            t.committable(),
+            sent,
+            "refused (or not answered): sent again"
+        );
         t.committed(&sent);
         assert!(t.committable().is_empty());
-        t.commit_failed(&sent);
-        assert_eq!(t.committable(), vec![(tp(0), 1)], "sent again");
-        t.committed(&sent);
         assert_eq!(t.positions(), vec![(tp(0), 1)], "committed or not");
     }
 

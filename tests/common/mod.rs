@@ -7,6 +7,8 @@
 //! them. End-to-end tests also need `POSTGRES_URL` and `KAFKA_CONNECT_URL` (from `scripts/stack env`).
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::future::Future;
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -551,4 +553,38 @@ pub async fn wait_committed(env: &TestEnv, partitions: i32, total: i64, timeout:
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A minimal HTTP/1.1 client: status and body (`base` as `http://host:port`; a JSON body when given).
+pub async fn http_request(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hostport = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = tokio::net::TcpStream::connect(hostport)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {hostport}: {e}"));
+    let body = body.unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\nAccept: */*\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
 }

@@ -1,0 +1,143 @@
+//! What an operator sees of the daemon as deployed (the binary, as a process of its own, so its metrics are its
+//! own): Prometheus metrics, liveness and readiness over HTTP, and the `healthcheck` subcommand the image's
+//! `HEALTHCHECK` runs. Against real Kafka and a real MongoDB-wire server.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::process::Proc;
+use common::*;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The samples of a Prometheus text page: `name{labels}` (as printed) to value.
+fn samples(page: &str) -> HashMap<String, f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of every sample of `name` whose labels contain all of `labels` (`key="value"` pairs).
+fn total(samples: &HashMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(k, _)| {
+            let (n, l) = k.split_once('{').unwrap_or((k, ""));
+            n == name && labels.iter().all(|want| l.contains(want))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn healthcheck(port: u16) -> bool {
+    Command::new(env!("CARGO_BIN_EXE_event-processor"))
+        .arg("healthcheck")
+        .env_clear()
+        .env("HTTP_PORT", port.to_string())
+        .status()
+        .expect("running event-processor healthcheck")
+        .success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_report_what_the_daemon_did() {
+    let env = TestEnv::new("observe", 2).await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let name = format!("observe-{}", env.topic);
+    let daemon = Proc::start_with(&env, &name, &[("HTTP_PORT", &port.to_string())]);
+    env.produce(&new_users(40, "metrics")).await;
+    wait_committed(&env, 2, 40, WAIT).await;
+
+    let (code, body) = http_request(&base, "GET", "/health/ready", None).await;
+    assert_eq!(code, 200, "ready once partitions are assigned: {body}");
+    let ready: Value = serde_json::from_str(&body).expect("readiness is JSON");
+    assert_eq!(ready["assigned_partitions"], 2, "{ready}");
+    assert_eq!(ready["mongo_reachable"], true, "{ready}");
+    assert_eq!(ready["commits_stalled"], false, "{ready}");
+    assert_eq!(
+        http_request(&base, "GET", "/health/live", None).await.0,
+        200
+    );
+    assert!(healthcheck(port), "the healthcheck subcommand passes");
+
+    // The commits' answers come back: the loop's own commits are timed (the last one, at shutdown, has not run).
+    let topic = format!("topic=\"{}\"", env.topic);
+    let page = samples(&http_request(&base, "GET", "/metrics", None).await.1);
+    assert_eq!(
+        total(&page, "event_processor_records_consumed_total", &[&topic]),
+        40.0
+    );
+    assert_eq!(
+        total(
+            &page,
+            "event_processor_records_total",
+            &[&topic, "outcome=\"processed\""]
+        ),
+        40.0
+    );
+    assert!(
+        total(&page, "event_processor_commit_duration_seconds_count", &[]) >= 1.0,
+        "commit durations recorded"
+    );
+    assert_eq!(
+        total(&page, "event_processor_commit_failures_total", &[]),
+        0.0
+    );
+    assert!(
+        total(
+            &page,
+            "event_processor_handler_duration_seconds_count",
+            &["handler=\"UserCreatedHandler\""]
+        ) >= 40.0,
+        "handler durations recorded: {:?}",
+        page.keys()
+            .filter(|k| k.contains("handler_duration"))
+            .collect::<Vec<_>>()
+    );
+    // Lag per partition comes from librdkafka's statistics (every 5 s): both partitions, caught up.
+    let lag = |page: &HashMap<String, f64>| {
+        (0..2)
+            .map(|p| {
+                page.iter()
+                    .find(|(k, _)| {
+                        k.starts_with("event_processor_consumer_lag_records{")
+                            && k.contains(&topic)
+                            && k.contains(&format!("partition=\"{p}\""))
+                    })
+                    .map(|(_, v)| *v)
+            })
+            .collect::<Vec<_>>()
+    };
+    wait_until("lag of both partitions reported as 0", WAIT, || {
+        let base = base.clone();
+        async move {
+            let page = samples(&http_request(&base, "GET", "/metrics", None).await.1);
+            lag(&page) == [Some(0.0), Some(0.0)]
+        }
+    })
+    .await;
+
+    assert!(daemon.terminate().success());
+    assert!(
+        !healthcheck(port),
+        "the healthcheck fails once the daemon is gone"
+    );
+}
