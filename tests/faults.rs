@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::process::{Proc, log_lines, log_path};
