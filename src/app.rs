@@ -418,23 +418,22 @@ impl Loop<'_> {
         true
     }
 
-    /// The last commit before leaving: after the one in flight, synchronous, bounded by `SHUTDOWN_TIMEOUT_MS`.
+    /// The last commit before leaving: after the one in flight, synchronous, both within `SHUTDOWN_TIMEOUT_MS`.
     async fn commit_final(&mut self) {
+        // One budget for both: the commit still unanswered (so the final one cannot land before it) and the last.
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout();
         if let Some(c) = self.commit.as_mut() {
-            let _ = tokio::time::timeout(self.config.shutdown_timeout(), &mut c.task).await;
+            let _ = tokio::time::timeout_at(deadline, &mut c.task).await;
             self.commit = None;
         }
         let offsets = match self.tracker.lock() {
             Ok(mut t) => t.positions(),
             Err(_) => return,
         };
-        match kafka::commit_sync(
-            &self.consumer,
-            offsets.clone(),
-            self.config.shutdown_timeout(),
-        )
-        .await
-        {
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(500));
+        match kafka::commit_sync(&self.consumer, offsets.clone(), left).await {
             Ok(()) => info!(?offsets, "Final commit done"),
             Err(e) => {
                 error!(error = %e, ?offsets, "Final commit failed; the next owner redoes these records")
