@@ -185,7 +185,14 @@ impl Dispatcher {
         let generations: Vec<u64> = match self.inner.tracker.lock() {
             Ok(mut t) => records
                 .iter()
-                .map(|r| t.track(r.topic(), r.partition(), r.offset()))
+                .map(|r| {
+                    t.track_at(
+                        r.topic(),
+                        r.partition(),
+                        r.offset(),
+                        r.timestamp().to_millis(),
+                    )
+                })
                 .collect(),
             Err(_) => vec![0; records.len()],
         };

@@ -366,23 +366,67 @@ async fn outage_under_load(
     require_local_stack();
     let env = TestEnv::new(&format!("{service}down"), PARTITIONS).await;
     let mut w = Workload::new();
-    let p = Proc::start(&env, &format!("{service}down"));
+    let port = common::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let p = Proc::start_with(
+        &env,
+        &format!("{service}down"),
+        &[("HTTP_PORT", &port.to_string())],
+    );
     env.produce(&w.next(10)).await;
     wait_finished(&env, w.len()).await;
     let producing = produce_steadily(&env, &mut w, secs, 10);
     tokio::time::sleep(Duration::from_secs(5)).await;
     stack(&["stop", service]);
     tokio::time::sleep(down_for).await;
+    // An outage long enough to see: the lag in seconds of some partition grew with it (the statistics behind it
+    // come every 5 s).
+    let lag_during = if down_for >= Duration::from_secs(20) {
+        let lag = max_lag_seconds(&base).await;
+        assert!(
+            lag >= (down_for - Duration::from_secs(10)).as_secs_f64(),
+            "lag in seconds after {down_for:?} of outage: {lag}"
+        );
+        Some(lag)
+    } else {
+        None
+    };
     stack(&["start", service]);
     let restarted = Instant::now();
     producing.await.unwrap();
     wait_finished(&env, w.len()).await;
     let recovery = restarted.elapsed();
+    if lag_during.is_some() {
+        wait_until(
+            "the lag in seconds back to 0",
+            Duration::from_secs(30),
+            || {
+                let base = base.clone();
+                async move { max_lag_seconds(&base).await == 0.0 }
+            },
+        )
+        .await;
+    }
     assert!(p.terminate().success());
     let v = verdict(&env, &w).await;
     let dead = read_all(&env.kafka, &env.dlq, 0, Duration::from_secs(5)).len();
-    record(scenario, v, dead, recovery, note);
+    let note = match lag_during {
+        Some(lag) => format!(
+            "{note}; the largest lag in seconds of a partition was {lag:.0} s at the end of the outage and 0 after recovery"
+        ),
+        None => note.to_string(),
+    };
+    record(scenario, v, dead, recovery, &note);
     assert_eq!(dead, 0, "nothing is dead-lettered for an outage");
+}
+
+/// The largest `event_processor_consumer_lag_seconds` of the daemon serving `/metrics` at `base`.
+async fn max_lag_seconds(base: &str) -> f64 {
+    let page = common::samples(&common::http_request(base, "GET", "/metrics", None).await.1);
+    page.iter()
+        .filter(|(k, _)| k.starts_with("event_processor_consumer_lag_seconds{"))
+        .map(|(_, v)| *v)
+        .fold(0.0, f64::max)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

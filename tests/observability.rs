@@ -14,26 +14,6 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// A port nobody listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The samples of a Prometheus text page: `name{labels}` (as printed) to value.
-fn samples(page: &str) -> HashMap<String, f64> {
-    page.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            Some((key.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 /// The sum of every sample of `name` whose labels contain all of `labels` (`key="value"` pairs).
 fn total(samples: &HashMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
     samples
@@ -112,13 +92,14 @@ async fn metrics_and_health_report_what_the_daemon_did() {
             .filter(|k| k.contains("handler_duration"))
             .collect::<Vec<_>>()
     );
-    // Lag per partition comes from librdkafka's statistics (every 5 s): both partitions, caught up.
-    let lag = |page: &HashMap<String, f64>| {
+    // Lag per partition, in records and in seconds, comes with librdkafka's statistics (every 5 s): both
+    // partitions, caught up.
+    let lag = |page: &HashMap<String, f64>, name: &str| {
         (0..2)
             .map(|p| {
                 page.iter()
                     .find(|(k, _)| {
-                        k.starts_with("event_processor_consumer_lag_records{")
+                        k.starts_with(&format!("{name}{{"))
                             && k.contains(&topic)
                             && k.contains(&format!("partition=\"{p}\""))
                     })
@@ -130,7 +111,8 @@ async fn metrics_and_health_report_what_the_daemon_did() {
         let base = base.clone();
         async move {
             let page = samples(&http_request(&base, "GET", "/metrics", None).await.1);
-            lag(&page) == [Some(0.0), Some(0.0)]
+            lag(&page, "event_processor_consumer_lag_records") == [Some(0.0), Some(0.0)]
+                && lag(&page, "event_processor_consumer_lag_seconds") == [Some(0.0), Some(0.0)]
         }
     })
     .await;

@@ -79,6 +79,7 @@ impl ProcessorContext {
 
 impl ClientContext for ProcessorContext {
     fn stats(&self, stats: Statistics) {
+        let now = crate::health::now_ms();
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
                 if p.partition < 0 || p.consumer_lag < 0 {
@@ -87,9 +88,28 @@ impl ClientContext for ProcessorContext {
                 metrics::gauge!("event_processor_consumer_lag_records",
                     "topic" => topic.clone(), "partition" => partition.to_string())
                 .set(p.consumer_lag as f64);
+                let timestamp = self
+                    .tracker
+                    .lock()
+                    .ok()
+                    .and_then(|t| t.lag_timestamp(topic, p.partition));
+                if let Some(seconds) = lag_seconds(p.consumer_lag, timestamp, now) {
+                    metrics::gauge!("event_processor_consumer_lag_seconds",
+                        "topic" => topic.clone(), "partition" => partition.to_string())
+                    .set(seconds);
+                }
             }
         }
     }
+}
+
+/// A partition's lag in seconds: 0 when caught up, else how old the record it waits on is (`timestamp`, see
+/// [`OffsetTracker::lag_timestamp`]); unknown when it has records to read and none taken in yet.
+fn lag_seconds(lag_records: i64, timestamp: Option<i64>, now_ms: i64) -> Option<f64> {
+    if lag_records <= 0 {
+        return Some(0.0);
+    }
+    timestamp.map(|ts| (now_ms - ts).max(0) as f64 / 1000.0)
 }
 
 impl ConsumerContext for ProcessorContext {
@@ -256,4 +276,22 @@ pub fn hostname() -> String {
                 .map(|s| s.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_in_seconds_is_zero_when_caught_up_and_the_age_of_the_awaited_record_otherwise() {
+        assert_eq!(lag_seconds(0, Some(1_000), 61_000), Some(0.0));
+        assert_eq!(lag_seconds(0, None, 61_000), Some(0.0));
+        assert_eq!(lag_seconds(5, Some(1_000), 61_000), Some(60.0));
+        assert_eq!(
+            lag_seconds(5, Some(62_000), 61_000),
+            Some(0.0),
+            "clock skew"
+        );
+        assert_eq!(lag_seconds(5, None, 61_000), None, "nothing taken in yet");
+    }
 }

@@ -14,9 +14,11 @@ struct PartitionState {
     /// Which assignment of the partition this is: a partition revoked and assigned back is a new generation,
     /// so records taken in under the old one are told apart from the same offsets fetched again.
     generation: u64,
-    /// Offsets taken into processing, ascending, and whether each is finished. Records arrive in offset order,
-    /// so tracking appends and finishing is a binary search.
-    pending: VecDeque<(i64, bool)>,
+    /// Offsets taken into processing, ascending, whether each is finished, and its Kafka timestamp (ms). Records
+    /// arrive in offset order, so tracking appends and finishing is a binary search.
+    pending: VecDeque<(i64, bool, Option<i64>)>,
+    /// The Kafka timestamp of the last record counted into `next`.
+    done_timestamp: Option<i64>,
     /// The next offset to consume, as last computed for commit.
     next: Option<i64>,
     /// The next offset last committed.
@@ -27,22 +29,22 @@ impl PartitionState {
     /// Where `offset` is in `pending` (`Err`: where it would go). Offsets are nearly always consecutive, so the
     /// distance from the first one is tried before a binary search.
     fn position(&self, offset: i64) -> Result<usize, usize> {
-        if let Some(&(first, _)) = self.pending.front()
+        if let Some(&(first, _, _)) = self.pending.front()
             && let Ok(i) = usize::try_from(offset - first)
-            && self.pending.get(i).is_some_and(|(o, _)| *o == offset)
+            && self.pending.get(i).is_some_and(|(o, _, _)| *o == offset)
         {
             return Ok(i);
         }
-        self.pending.binary_search_by_key(&offset, |(o, _)| *o)
+        self.pending.binary_search_by_key(&offset, |(o, _, _)| *o)
     }
 
     fn slot(&mut self, offset: i64) -> Option<&mut bool> {
         let i = self.position(offset).ok()?;
-        self.pending.get_mut(i).map(|(_, done)| done)
+        self.pending.get_mut(i).map(|(_, done, _)| done)
     }
 
     fn unfinished(&self) -> usize {
-        self.pending.iter().filter(|(_, done)| !*done).count()
+        self.pending.iter().filter(|(_, done, _)| !*done).count()
     }
 }
 
@@ -76,6 +78,17 @@ impl OffsetTracker {
     /// A record enters processing. Returns the partition's generation, which [`Self::finish`] and
     /// [`Self::is_pending`] want back.
     pub fn track(&mut self, topic: &str, partition: i32, offset: i64) -> u64 {
+        self.track_at(topic, partition, offset, None)
+    }
+
+    /// [`Self::track`], with the record's Kafka timestamp (ms) for [`Self::lag_timestamp`].
+    pub fn track_at(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        timestamp: Option<i64>,
+    ) -> u64 {
         if self.get(topic, partition).is_none() {
             self.generations += 1;
             let generation = self.generations;
@@ -91,12 +104,12 @@ impl OffsetTracker {
             return 0;
         };
         match p.pending.back() {
-            None => p.pending.push_back((offset, false)),
-            Some((last, _)) if *last < offset => p.pending.push_back((offset, false)),
+            None => p.pending.push_back((offset, false, timestamp)),
+            Some((last, _, _)) if *last < offset => p.pending.push_back((offset, false, timestamp)),
             // Out of order (never expected from one consumer): keep the deque sorted.
             Some(_) => match p.position(offset) {
                 Ok(i) => p.pending[i].1 = false,
-                Err(i) => p.pending.insert(i, (offset, false)),
+                Err(i) => p.pending.insert(i, (offset, false, timestamp)),
             },
         }
         p.generation
@@ -135,9 +148,10 @@ impl OffsetTracker {
     pub fn committable(&mut self) -> Vec<(Tp, i64)> {
         let mut out = Vec::new();
         for (tp, p) in self.all_mut() {
-            while let Some(&(offset, true)) = p.pending.front() {
+            while let Some(&(offset, true, timestamp)) = p.pending.front() {
                 p.pending.pop_front();
                 p.next = Some(offset + 1);
+                p.done_timestamp = timestamp.or(p.done_timestamp);
             }
             if let Some(next) = p.next
                 && p.committed.is_none_or(|c| next > c)
@@ -188,6 +202,21 @@ impl OffsetTracker {
         out
     }
 
+    /// For the consumer's lag in seconds: the Kafka timestamp (ms) of the partition's oldest record taken in and
+    /// not finished; with none in flight, of the last one it got past (an upper bound for records not fetched).
+    pub fn lag_timestamp(&self, topic: &str, partition: i32) -> Option<i64> {
+        let p = self.get(topic, partition)?;
+        match p.pending.iter().find(|(_, done, _)| !*done) {
+            Some((_, _, timestamp)) => *timestamp,
+            None => p
+                .pending
+                .iter()
+                .rev()
+                .find_map(|(_, _, timestamp)| *timestamp)
+                .or(p.done_timestamp),
+        }
+    }
+
     /// Records taken into processing and not finished.
     pub fn in_flight(&self) -> usize {
         self.parts
@@ -236,6 +265,31 @@ mod tests {
         t.committed(&sent);
         assert!(t.committable().is_empty());
         assert_eq!(t.positions(), vec![(tp(0), 1)], "committed or not");
+    }
+
+    #[test]
+    fn the_lag_timestamp_is_the_oldest_unfinished_record_else_the_last_finished_one() {
+        let mut t = OffsetTracker::new();
+        assert_eq!(t.lag_timestamp("t", 0), None, "unknown partition");
+        let g = t.track_at("t", 0, 0, Some(100));
+        t.track_at("t", 0, 1, Some(200));
+        t.track_at("t", 0, 2, Some(300));
+        assert_eq!(t.lag_timestamp("t", 0), Some(100));
+        t.finish("t", 0, 0, g);
+        t.finish("t", 0, 2, g);
+        assert_eq!(t.lag_timestamp("t", 0), Some(200), "offset 1 is awaited");
+        t.finish("t", 0, 1, g);
+        assert_eq!(
+            t.lag_timestamp("t", 0),
+            Some(300),
+            "all finished, not yet committed"
+        );
+        t.committable();
+        assert_eq!(
+            t.lag_timestamp("t", 0),
+            Some(300),
+            "all finished and counted"
+        );
     }
 
     #[test]
