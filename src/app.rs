@@ -100,6 +100,7 @@ pub async fn run_with_registry(
                 health: health.clone(),
                 revoked: revoked.clone(),
                 drain_timeout: config.rebalance_drain_timeout(),
+                caught_up_at: Default::default(),
             },
         )
         .context("creating the Kafka consumer (KAFKA_BOOTSTRAP_SERVERS, KAFKA_TOPICS)")?,

@@ -3,6 +3,7 @@
 
 pub mod offsets;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,8 @@ pub struct ProcessorContext {
     pub revoked: Arc<Mutex<Vec<Tp>>>,
     /// How long a revoke waits for in-flight records of the revoked partitions.
     pub drain_timeout: Duration,
+    /// When each partition last had no lag (ms), for its lag in seconds.
+    pub caught_up_at: Mutex<HashMap<Tp, i64>>,
 }
 
 impl ProcessorContext {
@@ -88,12 +91,19 @@ impl ClientContext for ProcessorContext {
                 metrics::gauge!("event_processor_consumer_lag_records",
                     "topic" => topic.clone(), "partition" => partition.to_string())
                 .set(p.consumer_lag as f64);
-                let timestamp = self
+                let oldest = self
                     .tracker
                     .lock()
                     .ok()
-                    .and_then(|t| t.lag_timestamp(topic, p.partition));
-                if let Some(seconds) = lag_seconds(p.consumer_lag, timestamp, now) {
+                    .and_then(|t| t.oldest_unfinished_timestamp(topic, p.partition));
+                let caught_up_at = self.caught_up_at.lock().ok().and_then(|mut c| {
+                    let tp = (topic.clone(), p.partition);
+                    if p.consumer_lag == 0 {
+                        c.insert(tp.clone(), now);
+                    }
+                    c.get(&tp).copied()
+                });
+                if let Some(seconds) = lag_seconds(p.consumer_lag, oldest, caught_up_at, now) {
                     metrics::gauge!("event_processor_consumer_lag_seconds",
                         "topic" => topic.clone(), "partition" => partition.to_string())
                     .set(seconds);
@@ -103,13 +113,21 @@ impl ClientContext for ProcessorContext {
     }
 }
 
-/// A partition's lag in seconds: 0 when caught up, else how old the record it waits on is (`timestamp`, see
-/// [`OffsetTracker::lag_timestamp`]); unknown when it has records to read and none taken in yet.
-fn lag_seconds(lag_records: i64, timestamp: Option<i64>, now_ms: i64) -> Option<f64> {
+/// A partition's lag in seconds: 0 when caught up; else the age of its oldest record in flight (its Kafka
+/// timestamp, see [`OffsetTracker::oldest_unfinished_timestamp`]); with none in flight (records not fetched yet,
+/// or paused), how long since it was last caught up; unknown when it never was (e.g. a backlog at start).
+fn lag_seconds(
+    lag_records: i64,
+    oldest_unfinished: Option<i64>,
+    caught_up_at: Option<i64>,
+    now_ms: i64,
+) -> Option<f64> {
     if lag_records <= 0 {
         return Some(0.0);
     }
-    timestamp.map(|ts| (now_ms - ts).max(0) as f64 / 1000.0)
+    oldest_unfinished
+        .or(caught_up_at)
+        .map(|since| (now_ms - since).max(0) as f64 / 1000.0)
 }
 
 impl ConsumerContext for ProcessorContext {
@@ -284,14 +302,28 @@ mod tests {
 
     #[test]
     fn lag_in_seconds_is_zero_when_caught_up_and_the_age_of_the_awaited_record_otherwise() {
-        assert_eq!(lag_seconds(0, Some(1_000), 61_000), Some(0.0));
-        assert_eq!(lag_seconds(0, None, 61_000), Some(0.0));
-        assert_eq!(lag_seconds(5, Some(1_000), 61_000), Some(60.0));
+        assert_eq!(lag_seconds(0, Some(1_000), None, 61_000), Some(0.0));
+        assert_eq!(lag_seconds(0, None, None, 61_000), Some(0.0));
         assert_eq!(
-            lag_seconds(5, Some(62_000), 61_000),
+            lag_seconds(5, Some(1_000), Some(50_000), 61_000),
+            Some(60.0),
+            "oldest in flight"
+        );
+        assert_eq!(
+            lag_seconds(5, Some(62_000), None, 61_000),
             Some(0.0),
             "clock skew"
         );
-        assert_eq!(lag_seconds(5, None, 61_000), None, "nothing taken in yet");
+        // Nothing in flight: a burst after an idle hour is not an hour of lag.
+        assert_eq!(
+            lag_seconds(5, None, Some(58_000), 61_000),
+            Some(3.0),
+            "since caught up"
+        );
+        assert_eq!(
+            lag_seconds(5, None, None, 61_000),
+            None,
+            "never caught up, nothing taken in yet"
+        );
     }
 }

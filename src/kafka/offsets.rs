@@ -17,8 +17,6 @@ struct PartitionState {
     /// Offsets taken into processing, ascending, whether each is finished, and its Kafka timestamp (ms). Records
     /// arrive in offset order, so tracking appends and finishing is a binary search.
     pending: VecDeque<(i64, bool, Option<i64>)>,
-    /// The Kafka timestamp of the last record counted into `next`.
-    done_timestamp: Option<i64>,
     /// The next offset to consume, as last computed for commit.
     next: Option<i64>,
     /// The next offset last committed.
@@ -81,7 +79,7 @@ impl OffsetTracker {
         self.track_at(topic, partition, offset, None)
     }
 
-    /// [`Self::track`], with the record's Kafka timestamp (ms) for [`Self::lag_timestamp`].
+    /// [`Self::track`], with the record's Kafka timestamp (ms) for [`Self::oldest_unfinished_timestamp`].
     pub fn track_at(
         &mut self,
         topic: &str,
@@ -148,10 +146,9 @@ impl OffsetTracker {
     pub fn committable(&mut self) -> Vec<(Tp, i64)> {
         let mut out = Vec::new();
         for (tp, p) in self.all_mut() {
-            while let Some(&(offset, true, timestamp)) = p.pending.front() {
+            while let Some(&(offset, true, _)) = p.pending.front() {
                 p.pending.pop_front();
                 p.next = Some(offset + 1);
-                p.done_timestamp = timestamp.or(p.done_timestamp);
             }
             if let Some(next) = p.next
                 && p.committed.is_none_or(|c| next > c)
@@ -203,18 +200,13 @@ impl OffsetTracker {
     }
 
     /// For the consumer's lag in seconds: the Kafka timestamp (ms) of the partition's oldest record taken in and
-    /// not finished; with none in flight, of the last one it got past (an upper bound for records not fetched).
-    pub fn lag_timestamp(&self, topic: &str, partition: i32) -> Option<i64> {
+    /// not finished (`None` when none is in flight).
+    pub fn oldest_unfinished_timestamp(&self, topic: &str, partition: i32) -> Option<i64> {
         let p = self.get(topic, partition)?;
-        match p.pending.iter().find(|(_, done, _)| !*done) {
-            Some((_, _, timestamp)) => *timestamp,
-            None => p
-                .pending
-                .iter()
-                .rev()
-                .find_map(|(_, _, timestamp)| *timestamp)
-                .or(p.done_timestamp),
-        }
+        p.pending
+            .iter()
+            .find(|(_, done, _)| !*done)
+            .and_then(|(_, _, timestamp)| *timestamp)
     }
 
     /// Records taken into processing and not finished.
@@ -268,28 +260,26 @@ mod tests {
     }
 
     #[test]
-    fn the_lag_timestamp_is_the_oldest_unfinished_record_else_the_last_finished_one() {
+    fn the_oldest_unfinished_record_gives_the_lag_timestamp() {
         let mut t = OffsetTracker::new();
-        assert_eq!(t.lag_timestamp("t", 0), None, "unknown partition");
+        assert_eq!(
+            t.oldest_unfinished_timestamp("t", 0),
+            None,
+            "unknown partition"
+        );
         let g = t.track_at("t", 0, 0, Some(100));
         t.track_at("t", 0, 1, Some(200));
         t.track_at("t", 0, 2, Some(300));
-        assert_eq!(t.lag_timestamp("t", 0), Some(100));
+        assert_eq!(t.oldest_unfinished_timestamp("t", 0), Some(100));
         t.finish("t", 0, 0, g);
         t.finish("t", 0, 2, g);
-        assert_eq!(t.lag_timestamp("t", 0), Some(200), "offset 1 is awaited");
+        assert_eq!(
+            t.oldest_unfinished_timestamp("t", 0),
+            Some(200),
+            "offset 1 is awaited"
+        );
         t.finish("t", 0, 1, g);
-        assert_eq!(
-            t.lag_timestamp("t", 0),
-            Some(300),
-            "all finished, not yet committed"
-        );
-        t.committable();
-        assert_eq!(
-            t.lag_timestamp("t", 0),
-            Some(300),
-            "all finished and counted"
-        );
+        assert_eq!(t.oldest_unfinished_timestamp("t", 0), None, "all finished");
     }
 
     #[test]
