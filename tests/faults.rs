@@ -715,7 +715,6 @@ async fn partitions_revoked_with_records_queued_and_assigned_back() {
     require_local_stack();
     let env = TestEnv::new("back", PARTITIONS).await;
     let mut w = Workload::new();
-    let _ = std::fs::remove_file(log_path("back"));
     let p = Proc::start(&env, "back");
     env.produce(&w.next(10)).await;
     wait_finished(&env, w.len()).await;
