@@ -180,6 +180,16 @@ impl ConsumerContext for ProcessorContext {
 
 /// Builds and subscribes the consumer.
 pub fn create_consumer(config: &Config, context: ProcessorContext) -> KafkaResult<Kafka> {
+    let consumer: Kafka = consumer_config(config).create_with_context(context)?;
+    let topics = config.topics();
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&refs)?;
+    Ok(consumer)
+}
+
+/// The consumer's librdkafka configuration: `KAFKA_PROPERTY_*` variables, then the properties the delivery
+/// guarantee needs, then defaults those variables did not set.
+fn consumer_config(config: &Config) -> ClientConfig {
     let mut cc = ClientConfig::new();
     for (k, v) in &config.kafka_properties {
         cc.set(k, v);
@@ -199,20 +209,22 @@ pub fn create_consumer(config: &Config, context: ProcessorContext) -> KafkaResul
             config.kafka_max_poll_interval_ms.to_string(),
         )
         .set("topic.metadata.refresh.interval.ms", "10000");
-    if !config
-        .kafka_properties
-        .contains_key("partition.assignment.strategy")
-    {
-        cc.set("partition.assignment.strategy", "cooperative-sticky");
-    }
-    if !config
-        .kafka_properties
-        .contains_key("statistics.interval.ms")
-    {
-        cc.set("statistics.interval.ms", "5000");
-    }
-    if !config.kafka_properties.contains_key("client.id") {
-        cc.set("client.id", format!("event-processor-{}", hostname()));
+    // Defaults a `KAFKA_PROPERTY_*` variable may override. librdkafka keeps up to `queued.min.messages` records
+    // per partition fetched ahead (100,000 by default) and, once over it, waits `fetch.queue.backoff.ms` (1 s by
+    // default) before fetching that partition again: a consumer catching up on a backlog drained its queue and
+    // then idled for most of that second. A smaller queue, refilled within 20 ms, keeps it busy and bounds the
+    // memory the prefetched records take.
+    let client_id = format!("event-processor-{}", hostname());
+    for (key, value) in [
+        ("partition.assignment.strategy", "cooperative-sticky"),
+        ("statistics.interval.ms", "5000"),
+        ("client.id", client_id.as_str()),
+        ("queued.min.messages", "10000"),
+        ("fetch.queue.backoff.ms", "20"),
+    ] {
+        if !config.kafka_properties.contains_key(key) {
+            cc.set(key, value);
+        }
     }
     if let Some(id) = config
         .kafka_group_instance_id
@@ -222,11 +234,7 @@ pub fn create_consumer(config: &Config, context: ProcessorContext) -> KafkaResul
         cc.set("group.instance.id", id);
     }
     cc.set_log_level(RDKafkaLogLevel::Warning);
-    let consumer: Kafka = cc.create_with_context(context)?;
-    let topics = config.topics();
-    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&refs)?;
-    Ok(consumer)
+    cc
 }
 
 /// A commit on a blocking thread, so that its result comes back (the result of an asynchronous one never reaches
@@ -299,6 +307,40 @@ pub fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Config {
+        let base = [
+            ("KAFKA_BOOTSTRAP_SERVERS", "kafka:9092"),
+            ("MONGODB_URI", "mongodb://mongo:27017"),
+        ];
+        Config::from_vars(
+            base.iter()
+                .chain(vars)
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .expect("valid configuration")
+    }
+
+    #[test]
+    fn a_partition_is_fetched_again_within_20_ms_once_its_queue_has_room_unless_configured() {
+        let cc = consumer_config(&config(&[]));
+        assert_eq!(cc.get("fetch.queue.backoff.ms"), Some("20"));
+        assert_eq!(cc.get("queued.min.messages"), Some("10000"));
+        assert_eq!(
+            cc.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
+        assert_eq!(cc.get("enable.auto.commit"), Some("false"));
+
+        let cc = consumer_config(&config(&[
+            ("KAFKA_PROPERTY_FETCH_QUEUE_BACKOFF_MS", "250"),
+            ("KAFKA_PROPERTY_QUEUED_MIN_MESSAGES", "500"),
+            ("KAFKA_PROPERTY_PARTITION_ASSIGNMENT_STRATEGY", "range"),
+        ]));
+        assert_eq!(cc.get("fetch.queue.backoff.ms"), Some("250"));
+        assert_eq!(cc.get("queued.min.messages"), Some("500"));
+        assert_eq!(cc.get("partition.assignment.strategy"), Some("range"));
+    }
 
     #[test]
     fn lag_in_seconds_is_zero_when_caught_up_and_the_age_of_the_awaited_record_otherwise() {
