@@ -10,6 +10,9 @@
 //! Every throughput figure is taken in the same run as its baseline, repeat by repeat, so the ratios hold on a
 //! shared, noisy machine. Prints one JSON document (also written to `BENCH_OUT` if set, after each part).
 //!
+//! The daemon logs as it does by default (level `info`, JSON; `BENCH_LOG_LEVEL` sets another level), into
+//! `target/bench/`.
+//!
 //! - **pipeline ceiling**: a bare rdkafka consume loop vs the daemon's pipeline with no-op handlers, over the same
 //!   pre-filled topic of raw Debezium change records (`JsonConverter`, no schemas, as the shipped connector
 //!   writes them).
@@ -218,10 +221,7 @@ fn daemon_config(env: &Env, topic: &str, db: &str) -> anyhow::Result<Config> {
             ("MONGODB_DATABASE".into(), db.to_string()),
             ("DLQ_TOPIC".into(), format!("{db}.dlq")),
             ("HTTP_PORT".into(), "0".into()),
-            (
-                "LOG_LEVEL".into(),
-                std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
-            ),
+            ("LOG_LEVEL".into(), log_level()),
         ]
         .into_iter()
         .chain(overrides),
@@ -413,11 +413,8 @@ async fn pipeline(
 ) -> anyhow::Result<f64> {
     let counter = Arc::new(Counter::new(calls));
     let registry = counted(base, &counter)?;
-    if let Ok(level) = std::env::var("BENCH_LOG_LEVEL") {
-        let _ =
-            event_processor::telemetry::init(&level, event_processor::config::LogFormat::Pretty);
-    }
     let db = fresh(env, "pipe");
+    log_in_process(env)?;
     let token = CancellationToken::new();
     let daemon = tokio::spawn(event_processor::run_with_registry(
         daemon_config(env, topic, &db)?,
@@ -550,6 +547,7 @@ async fn latency(env: &Env, pg: bool, count: usize, rate: f64) -> anyhow::Result
     let seen = Arc::new(Mutex::new(HashMap::new()));
     let mut registry = shipped()?;
     registry.register(Arc::new(Probe(seen.clone())))?;
+    log_in_process(env)?;
     let token = CancellationToken::new();
     let daemon = tokio::spawn(event_processor::run_with_registry(
         config,
@@ -689,12 +687,31 @@ fn spawn_daemon(
         .env("MONGODB_DATABASE", db)
         .env("DLQ_TOPIC", format!("{db}.dlq"))
         .env("HTTP_PORT", "0")
-        .env(
-            "LOG_LEVEL",
-            std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
-        )
+        .env("LOG_LEVEL", log_level())
         .stdout(daemon_log(db)?)
         .spawn()?)
+}
+
+/// The daemon's log level: its default unless `BENCH_LOG_LEVEL` is set.
+fn log_level() -> String {
+    std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "info".into())
+}
+
+/// The daemons run in this process log as the binary does, JSON at [`log_level`], into one file
+/// (`target/bench/<run>-in-process-1.log`). Installed once.
+fn log_in_process(env: &Env) -> anyhow::Result<()> {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    if INSTALLED.get().is_none() {
+        let file = daemon_log(&format!("bench_{}_in-process", env.run))?;
+        event_processor::telemetry::init_with_writer(
+            &log_level(),
+            event_processor::config::LogFormat::Json,
+            Mutex::new(file),
+        )
+        .map_err(|e| anyhow::anyhow!("log subscriber: {e}"))?;
+        let _ = INSTALLED.set(());
+    }
+    Ok(())
 }
 
 /// Where a spawned daemon's log goes: `target/bench/<database>-<n>.log`, kept for a run that goes wrong.

@@ -105,25 +105,20 @@ impl DecodeError {
 
 /// Decodes one record. Generic over rdkafka's [`Message`] so tests can use `OwnedMessage` without a broker.
 pub fn decode<M: Message>(msg: &M) -> Result<Decoded, DecodeError> {
-    let coords = KafkaCoordinates {
-        topic: msg.topic().to_string(),
-        partition: msg.partition(),
-        offset: msg.offset(),
-        timestamp_ms: msg.timestamp().to_millis(),
-    };
     let Some(bytes) = msg.payload() else {
         return Ok(Decoded::Skip(SkipReason::Tombstone));
     };
-    if coords.topic.starts_with("__debezium-heartbeat") {
+    if msg.topic().starts_with("__debezium-heartbeat") {
         return Ok(Decoded::Skip(SkipReason::Heartbeat));
     }
     let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidUtf8(e.to_string()))?;
     if let Some(skip) = struct_text(text)? {
         return Ok(Decoded::Skip(skip));
     }
-    if let Some(decoded) = decode_fast(text, &coords) {
+    if let Some(decoded) = decode_fast(text, msg) {
         return Ok(decoded);
     }
+    let coords = coordinates(msg);
     let value: Value =
         serde_json::from_str(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
     let value = unwrap_schema(value);
@@ -146,7 +141,7 @@ pub fn decode<M: Message>(msg: &M) -> Result<Decoded, DecodeError> {
 /// without building a JSON tree of the whole record (that tree was most of a record's cost). `None` when the
 /// record is anything else or anything in it is off: the general path then decodes it, or words the error. For
 /// every record it accepts, it gives what the general path gives (the fixture tests compare the two).
-fn decode_fast(text: &str, coords: &KafkaCoordinates) -> Option<Decoded> {
+fn decode_fast<M: Message>(text: &str, msg: &M) -> Option<Decoded> {
     #[derive(Deserialize)]
     struct Change<'a> {
         #[serde(borrow)]
@@ -164,8 +159,8 @@ fn decode_fast(text: &str, coords: &KafkaCoordinates) -> Option<Decoded> {
         aggregate_type: Option<Cow<'a, str>>,
         #[serde(borrow)]
         event_type: Cow<'a, str>,
-        #[serde(borrow, default)]
-        payload: Option<Cow<'a, str>>,
+        #[serde(default)]
+        payload: Option<JsonText>,
         #[serde(borrow, default)]
         created_at: Option<Cow<'a, str>>,
     }
@@ -186,10 +181,10 @@ fn decode_fast(text: &str, coords: &KafkaCoordinates) -> Option<Decoded> {
         return None;
     }
     validate_uuid("event_id", &row.event_id).ok()?;
-    let payload: Value = serde_json::from_str(row.payload.as_deref()?).ok()?;
+    let payload = row.payload?.0;
     let created_at_ms = match row.created_at {
         None => None,
-        Some(t) => Some(parse_timestamp(&Value::String(t.into_owned()))?),
+        Some(t) => Some(parse_timestamp_str(&t)?),
     };
     Some(Decoded::Event(Box::new(OutboxEvent {
         event_id: row.event_id.into_owned(),
@@ -198,8 +193,38 @@ fn decode_fast(text: &str, coords: &KafkaCoordinates) -> Option<Decoded> {
         event_type: row.event_type.into_owned(),
         payload,
         created_at_ms,
-        source: coords.clone(),
+        source: coordinates(msg),
     })))
+}
+
+fn coordinates<M: Message>(msg: &M) -> KafkaCoordinates {
+    KafkaCoordinates {
+        topic: msg.topic().to_string(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+        timestamp_ms: msg.timestamp().to_millis(),
+    }
+}
+
+/// A JSON document held in a JSON string (a `jsonb` column), parsed where the string is read: from the
+/// deserializer's own buffer when the string has escapes (it always does), so the unescaped text is never copied
+/// out. An error when the string holds no JSON.
+struct JsonText(Value);
+
+impl<'de> Deserialize<'de> for JsonText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = JsonText;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string holding JSON")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<JsonText, E> {
+                serde_json::from_str(s).map(JsonText).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Text)
+    }
 }
 
 /// With StringConverter, records the Outbox Event Router passes through unchanged (logical messages, updates)
@@ -432,13 +457,17 @@ fn parse_payload(raw: Option<&Value>) -> Result<Value, DecodeError> {
 /// `timestamptz` is an RFC 3339 string (ZonedTimestamp); some converters give epoch milliseconds.
 fn parse_timestamp(v: &Value) -> Option<i64> {
     match v {
-        Value::String(s) => mongodb::bson::DateTime::parse_rfc3339_str(s)
-            .ok()
-            .map(|d| d.timestamp_millis())
-            .or_else(|| s.parse::<i64>().ok()),
+        Value::String(s) => parse_timestamp_str(s),
         Value::Number(n) => n.as_i64(),
         _ => None,
     }
+}
+
+fn parse_timestamp_str(s: &str) -> Option<i64> {
+    mongodb::bson::DateTime::parse_rfc3339_str(s)
+        .ok()
+        .map(|d| d.timestamp_millis())
+        .or_else(|| s.parse::<i64>().ok())
 }
 
 fn shape_of(v: &Value) -> &'static str {

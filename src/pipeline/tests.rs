@@ -44,6 +44,8 @@ enum Behaviour {
     TransientTimes(u32),
     /// Takes this long for the aggregate `slow`, no time for the others.
     SlowKey(Duration),
+    /// Logs a line in every attempt; the first fails transiently.
+    LogsAndFailsOnce,
 }
 
 struct TestHandler {
@@ -85,6 +87,13 @@ impl EventHandler for TestHandler {
                 Err(HandlerError::Transient(anyhow::anyhow!("mongo down")))
             }
             Behaviour::TransientTimes(_) => Ok(()),
+            Behaviour::LogsAndFailsOnce => {
+                tracing::info!(attempt = n + 1, "handler's own line");
+                if n == 0 {
+                    return Err(HandlerError::Transient(anyhow::anyhow!("mongo down")));
+                }
+                Ok(())
+            }
             Behaviour::SlowKey(d) => {
                 if event.aggregate_id == "slow" {
                     tokio::time::sleep(d).await;
@@ -194,6 +203,72 @@ async fn transient_failures_retry_and_are_never_dead_lettered() {
     assert_eq!(stats.processed, 1);
     assert_eq!(flaky.calls.load(Ordering::SeqCst), 11);
     assert!(sink.letters.lock().unwrap().is_empty());
+}
+
+/// Log lines written at info level, as JSON with the current span, as the daemon writes them.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn all(&self) -> Vec<serde_json::Value> {
+        String::from_utf8(self.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_handler_is_logged_with_its_record_and_so_are_its_later_attempts() {
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    let flaky = TestHandler::new("flaky", Behaviour::LogsAndFailsOnce);
+    let p = processor(vec![flaky.clone()], Arc::new(Sink::default()));
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let stats = run(p, &[record(7, "a", "UserCreated")], &tracker).await;
+    assert_eq!(stats.processed, 1);
+
+    let lines = lines.all();
+    let find = |message: &str, attempt: Option<u64>| {
+        lines
+            .iter()
+            .find(|l| {
+                l["message"] == message && attempt.is_none_or(|a| l["attempt"].as_u64() == Some(a))
+            })
+            .unwrap_or_else(|| panic!("no line {message:?} in {lines:#?}"))
+            .clone()
+    };
+    let failed = find("Handler failed transiently; retrying", None);
+    assert_eq!(failed["span"]["topic"], "t", "{failed}");
+    assert_eq!(failed["span"]["partition"], 0, "{failed}");
+    assert_eq!(failed["span"]["offset"], 7, "{failed}");
+    assert_eq!(failed["span"]["event_type"], "UserCreated", "{failed}");
+    let event_id = failed["span"]["event_id"].as_str().expect("event id");
+    assert_eq!(event_id.len(), 36, "{failed}");
+    let retried = find("handler's own line", Some(2));
+    assert_eq!(retried["span"]["event_id"], event_id, "{retried}");
+    // At info level an event gets no span until a handler fails: one per event cost a third of its processing.
+    let first = find("handler's own line", Some(1));
+    assert!(first.get("span").is_none(), "{first}");
 }
 
 #[tokio::test(start_paused = true)]
