@@ -334,3 +334,21 @@ fn fast_and_general_paths_give_the_same_event() {
         })
     ));
 }
+
+#[test]
+fn a_presized_value_reads_as_serde_json_reads_it() {
+    for text in [
+        r#"{"email":"a@b.c","n":-3,"big":18446744073709551615,"f":1.5e3,"ok":true,"none":null}"#,
+        r#"{"nested":{"list":[1,[2,{"x":"\u00e9\n"}],{}],"empty":[]},"dup":1,"dup":2}"#,
+        r#"{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6,"g":7,"h":8,"i":9,"j":10}"#,
+        r#"[0.1,-0,"s",false]"#,
+        r#""just a string""#,
+        "42",
+    ] {
+        let expected: Value = serde_json::from_str(text).unwrap();
+        let Presized(got) = serde_json::from_str(text).unwrap();
+        assert_eq!(got, expected, "{text}");
+        assert_eq!(got.to_string(), expected.to_string(), "key order of {text}");
+    }
+    assert!(serde_json::from_str::<Presized>("{\"a\":").is_err());
+}
