@@ -357,26 +357,40 @@ fn calls(registry: &Registry, records: &[(String, String)]) -> usize {
         .sum()
 }
 
+fn messages(records: &[(String, String)]) -> impl Iterator<Item = OwnedMessage> + '_ {
+    records.iter().enumerate().map(|(i, (k, v))| {
+        OwnedMessage::new(
+            Some(v.as_bytes().to_vec()),
+            Some(k.as_bytes().to_vec()),
+            "bench".into(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            i as i64,
+            None,
+        )
+    })
+}
+
 fn events(records: &[(String, String)]) -> Vec<OutboxEvent> {
-    records
-        .iter()
-        .enumerate()
-        .filter_map(|(i, (k, v))| {
-            let m = OwnedMessage::new(
-                Some(v.as_bytes().to_vec()),
-                Some(k.as_bytes().to_vec()),
-                "bench".into(),
-                rdkafka::Timestamp::NotAvailable,
-                0,
-                i as i64,
-                None,
-            );
-            match decode(&m) {
-                Ok(Decoded::Event(e)) => Some(*e),
-                _ => None,
-            }
+    messages(records)
+        .filter_map(|m| match decode(&m) {
+            Ok(Decoded::Event(e)) => Some(*e),
+            _ => None,
         })
         .collect()
+}
+
+/// Decoding alone, on one thread: microseconds per record, the decoded events dropped as the pipeline drops them.
+fn decode_us(records: &[(String, String)]) -> f64 {
+    let msgs: Vec<OwnedMessage> = messages(records).collect();
+    let started = Instant::now();
+    let events = msgs
+        .iter()
+        .filter(|m| matches!(decode(*m), Ok(Decoded::Event(_))))
+        .count();
+    let us = started.elapsed().as_secs_f64() * 1e6 / msgs.len().max(1) as f64;
+    std::hint::black_box(events);
+    us
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -853,9 +867,10 @@ async fn pipeline_ceiling(
     let noop = noops()?;
     let work = (records.len(), calls(&noop, &records));
     let (mut bare, mut pipe) = (Vec::new(), Vec::new());
-    let (mut bare_cpu, mut pipe_cpu) = (Vec::new(), Vec::new());
+    let (mut bare_cpu, mut pipe_cpu, mut decoding) = (Vec::new(), Vec::new(), Vec::new());
     let per_record_us = |cpu_s: f64| cpu_s * 1e6 / n_kafka as f64;
     for _ in 0..env.repeat {
+        decoding.push(decode_us(&records));
         let cpu = cpu_seconds();
         bare.push(bare_consume(env, &topic, n_kafka).await?);
         bare_cpu.push(per_record_us(cpu_seconds() - cpu));
@@ -865,8 +880,9 @@ async fn pipeline_ceiling(
     }
     let (b, p) = (median(bare.clone()), median(pipe.clone()));
     let (bc, pc) = (median(bare_cpu.clone()), median(pipe_cpu.clone()));
+    let dc = median(decoding.clone());
     eprintln!(
-        "[bench]   bare {b:.0}/s ({bc:.1} us CPU per record), pipeline {p:.0}/s ({pc:.1} us CPU per record)"
+        "[bench]   bare {b:.0}/s ({bc:.1} us CPU per record), pipeline {p:.0}/s ({pc:.1} us CPU per record); decoding alone {dc:.1} us per record"
     );
     out.insert(
         "pipeline_ceiling".into(),
@@ -875,6 +891,7 @@ async fn pipeline_ceiling(
             "median_bare_per_s": b, "median_pipeline_per_s": p, "ratio": p / b,
             "bare_cpu_us_per_record": bare_cpu, "pipeline_cpu_us_per_record": pipe_cpu,
             "median_bare_cpu_us_per_record": bc, "median_pipeline_cpu_us_per_record": pc,
+            "decode_us_per_record": decoding, "median_decode_us_per_record": dc,
         }),
     );
 
