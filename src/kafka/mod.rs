@@ -209,11 +209,11 @@ fn consumer_config(config: &Config) -> ClientConfig {
             config.kafka_max_poll_interval_ms.to_string(),
         )
         .set("topic.metadata.refresh.interval.ms", "10000");
-    // Defaults a `KAFKA_PROPERTY_*` variable may override. librdkafka keeps up to `queued.min.messages` records
-    // per partition fetched ahead (100,000 by default) and, once over it, waits `fetch.queue.backoff.ms` (1 s by
-    // default) before fetching that partition again: a consumer catching up on a backlog drained its queue and
-    // then idled for most of that second. A smaller queue, refilled within 20 ms, keeps it busy and bounds the
-    // memory the prefetched records take.
+    // Defaults a `KAFKA_PROPERTY_*` variable may override. librdkafka fetches ahead up to `queued.min.messages`
+    // records per partition (100,000 by default) or `queued.max.messages.kbytes` in all (64 MiB) and, once over
+    // either, waits `fetch.queue.backoff.ms` (1 s by default) before fetching that partition again: a consumer
+    // catching up on a backlog drained its queue and then idled for most of that second. A smaller queue,
+    // refilled within 20 ms, keeps it busy and bounds the memory the prefetched records take.
     let client_id = format!("event-processor-{}", hostname());
     for (key, value) in [
         ("partition.assignment.strategy", "cooperative-sticky"),
