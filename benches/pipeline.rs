@@ -21,7 +21,8 @@
 //!   per-event design being replaced (one awaited write per handler per event, commit every 100 records).
 //! - **latency**: Kafka append -> MongoDB acknowledgement at fixed rates; PostgreSQL commit -> MongoDB
 //!   acknowledgement through Debezium (the connector `scripts/stack up` deployed from `debezium/`).
-//! - **resources**: resident memory of the release binary (`BENCH_BIN`) under steady load.
+//! - **resources**: resident memory of the release binary (`BENCH_BIN`) under steady load, and while it catches up
+//!   on a backlog (the pipeline ceiling's topic, with the shipped handlers).
 //! - **scaling**: one vs three processes of the release binary in one group, six partitions.
 
 use std::collections::HashMap;
@@ -769,7 +770,7 @@ async fn resident_memory(env: &Env, rate: f64, secs: u64) -> anyhow::Result<(f64
     let topic = fresh(env, "rss");
     create_topic(&env.kafka, &topic).await?;
     let db = fresh(env, "rss");
-    let mut child = spawn_daemon(env, &topic, &db, &format!("{db}_group"))?;
+    let child = spawn_daemon(env, &topic, &db, &format!("{db}_group"))?;
     let pid = child.id();
     let p = producer(&env.kafka, "5")?;
     let start = Instant::now();
@@ -787,11 +788,59 @@ async fn resident_memory(env: &Env, rate: f64, secs: u64) -> anyhow::Result<(f64
             samples.push(rss_kib(pid).context("the daemon exited")? as f64 / 1024.0);
         }
     }
+    Ok(stop_sampled(env, child, &db, samples).await)
+}
+
+/// Stops a daemon whose resident memory was sampled and drops its database: the samples' median and maximum.
+async fn stop_sampled(
+    env: &Env,
+    mut child: std::process::Child,
+    db: &str,
+    samples: Vec<f64>,
+) -> (f64, f64) {
     let _ = child.kill();
     let _ = child.wait();
-    drop_db(env, &db).await;
+    drop_db(env, db).await;
     let max = samples.iter().cloned().fold(0.0, f64::max);
-    Ok((median(samples), max))
+    (median(samples), max)
+}
+
+/// Resident memory of one daemon process catching up on `topic`, a backlog far larger than it gets through in
+/// `secs` (the shipped handlers against MongoDB), sampled each second: what the prefetch queue and the records in
+/// flight take when the consumer is behind. Median and maximum, MiB.
+async fn catch_up_memory(env: &Env, topic: &str, secs: u64) -> anyhow::Result<(f64, f64)> {
+    let db = fresh(env, "backlog");
+    let child = spawn_daemon(env, topic, &db, &format!("{db}_group"))?;
+    let pid = child.id();
+    let mut samples = Vec::new();
+    for _ in 0..secs {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        samples.push(rss_kib(pid).context("the daemon exited")? as f64 / 1024.0);
+    }
+    Ok(stop_sampled(env, child, &db, samples).await)
+}
+
+/// Resident memory at steady load and while catching up on a backlog (the pipeline ceiling's topic), into `out`.
+async fn memory(
+    env: &Env,
+    rate: f64,
+    backlog: &str,
+    out: &mut serde_json::Map<String, Value>,
+) -> anyhow::Result<()> {
+    let secs = if env.quick { 10 } else { 30 };
+    eprintln!("[bench] resident memory at {rate}/s");
+    let (med, max) = resident_memory(env, rate, secs).await?;
+    out.insert(
+        "resident_memory".into(),
+        json!({"rate_per_s": rate, "median_mib": med, "max_mib": max}),
+    );
+    eprintln!("[bench] resident memory catching up on a backlog");
+    let (med, max) = catch_up_memory(env, backlog, secs).await?;
+    out.insert(
+        "catch_up_memory".into(),
+        json!({"seconds": secs, "median_mib": med, "max_mib": max}),
+    );
+    save(out)
 }
 
 /// Sum of the group's committed offsets over the topic's partitions.
@@ -853,11 +902,12 @@ async fn scaling(env: &Env, records: &[(String, String)], k: usize) -> anyhow::R
 // ---------------------------------------------------------------------------------------------------------------
 
 /// The pipeline with no-op handlers against a bare consume loop, over the same pre-filled topic.
+/// Returns the filled topic.
 async fn pipeline_ceiling(
     env: &Env,
     n_kafka: usize,
     out: &mut serde_json::Map<String, Value>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     eprintln!(
         "[bench] pipeline ceiling: {n_kafka} records, {} repeats",
         env.repeat
@@ -894,8 +944,7 @@ async fn pipeline_ceiling(
             "decode_us_per_record": decoding, "median_decode_us_per_record": dc,
         }),
     );
-
-    Ok(())
+    Ok(topic)
 }
 
 #[tokio::main]
@@ -921,7 +970,8 @@ async fn main() -> anyhow::Result<()> {
     let mut out = serde_json::Map::new();
     out.insert("machine".into(), machine());
     // BENCH_ONLY=pipeline stops after the pipeline ceiling (for profiling it); BENCH_ONLY=mongodb measures only
-    // the throughput with MongoDB; BENCH_ONLY=scaling only one against three processes (once each).
+    // the throughput with MongoDB; BENCH_ONLY=scaling only one against three processes (once each);
+    // BENCH_ONLY=memory only resident memory (at 100 events/s, and catching up on a backlog).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let only_pipeline = only == "pipeline";
     let only_mongodb = only == "mongodb";
@@ -935,8 +985,15 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
+    if only == "memory" {
+        let backlog = fill(&env, &workload(n_kafka)).await?;
+        memory(&env, 100.0, &backlog, &mut out).await?;
+        println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
+        return Ok(());
+    }
+    let mut backlog = None;
     if !only_mongodb {
-        pipeline_ceiling(&env, n_kafka, &mut out).await?;
+        backlog = Some(pipeline_ceiling(&env, n_kafka, &mut out).await?);
         save(&out)?;
     }
     if only_pipeline {
@@ -999,13 +1056,8 @@ async fn main() -> anyhow::Result<()> {
 
     if env.bin.is_some() {
         let rate = (o / 2.0).max(1.0).round();
-        eprintln!("[bench] resident memory at {rate}/s");
-        let (med, max) = resident_memory(&env, rate, if env.quick { 10 } else { 30 }).await?;
-        out.insert(
-            "resident_memory".into(),
-            json!({"rate_per_s": rate, "median_mib": med, "max_mib": max}),
-        );
-        save(&out)?;
+        let backlog = backlog.context("the pipeline ceiling's topic")?;
+        memory(&env, rate, &backlog, &mut out).await?;
         let records = workload(n_mongo);
         let (mut one, mut three) = (Vec::new(), Vec::new());
         for _ in 0..env.repeat.min(2) {
