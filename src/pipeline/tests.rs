@@ -205,13 +205,22 @@ async fn transient_failures_retry_and_are_never_dead_lettered() {
     assert!(sink.letters.lock().unwrap().is_empty());
 }
 
-/// Log lines written at info level, as JSON with the current span, as the daemon writes them.
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<u8>>>);
+thread_local! {
+    /// The level and the log lines of the test running on this thread, while it captures them.
+    static CAPTURED: std::cell::RefCell<Option<(tracing::Level, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
+}
 
-impl std::io::Write for Lines {
+/// Writes into this thread's [`CAPTURED`] lines.
+struct ThreadLines;
+
+impl std::io::Write for ThreadLines {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        CAPTURED.with_borrow_mut(|c| {
+            if let Some((_, lines)) = c {
+                lines.extend_from_slice(buf);
+            }
+        });
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -219,35 +228,82 @@ impl std::io::Write for Lines {
     }
 }
 
-impl Lines {
-    fn all(&self) -> Vec<serde_json::Value> {
-        String::from_utf8(self.0.lock().unwrap().clone())
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
+/// One process-wide subscriber writing JSON with the current span (as the daemon does) for the threads that capture,
+/// each at its own level. Its filter is global, as the daemon's `EnvFilter` is (a span it refuses is disabled),
+/// and asked at every span and event, never cached per callsite: a subscriber per test thread (`set_default`)
+/// raced with the tests running beside it, which could leave a callsite cached as disabled.
+fn capture_logs(level: tracing::Level) {
+    use tracing_subscriber::layer::SubscriberExt;
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let filter = tracing_subscriber::filter::DynFilterFn::new(|meta, _| {
+            CAPTURED.with_borrow(|c| c.as_ref().is_some_and(|(level, _)| meta.level() <= level))
+        })
+        .with_callsite_filter(|_| tracing::subscriber::Interest::sometimes());
+        let layer = tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_writer(|| ThreadLines);
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::registry().with(filter).with(layer),
+        )
+        .expect("no other global subscriber in the unit tests");
+    });
+    CAPTURED.set(Some((level, Vec::new())));
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_failing_handler_is_logged_with_its_record_and_so_are_its_later_attempts() {
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .json()
-        .flatten_event(true)
-        .with_current_span(true)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
+/// This thread's captured lines, parsed; capturing ends.
+fn captured_lines() -> Vec<serde_json::Value> {
+    let (_, bytes) = CAPTURED.take().expect("capturing");
+    String::from_utf8(bytes)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The log lines of one record whose handler logs a line per attempt and fails the first, at `level`.
+async fn lines_of_a_handler_failing_once(level: tracing::Level) -> Vec<serde_json::Value> {
+    capture_logs(level);
     let flaky = TestHandler::new("flaky", Behaviour::LogsAndFailsOnce);
     let p = processor(vec![flaky.clone()], Arc::new(Sink::default()));
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     let stats = run(p, &[record(7, "a", "UserCreated")], &tracker).await;
     assert_eq!(stats.processed, 1);
+    captured_lines()
+}
 
-    let lines = lines.all();
+fn event_spans(line: &serde_json::Value) -> usize {
+    line["spans"]
+        .as_array()
+        .map_or(0, |s| s.iter().filter(|s| s["name"] == "event").count())
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_debug_level_every_line_of_an_event_is_in_its_one_span() {
+    let lines = lines_of_a_handler_failing_once(tracing::Level::DEBUG).await;
+    let of = |message: &str| {
+        lines
+            .iter()
+            .filter(|l| l["message"] == message)
+            .collect::<Vec<_>>()
+    };
+    let handler_lines = of("handler's own line");
+    assert_eq!(handler_lines.len(), 2, "{lines:#?}");
+    for l in handler_lines
+        .iter()
+        .chain(&of("Handler failed transiently; retrying"))
+    {
+        assert_eq!(l["span"]["offset"], 7, "{l}");
+        assert_eq!(event_spans(l), 1, "not nested in a second event span: {l}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_handler_is_logged_with_its_record_and_so_are_its_later_attempts() {
+    let lines = lines_of_a_handler_failing_once(tracing::Level::INFO).await;
     let find = |message: &str, attempt: Option<u64>| {
         lines
             .iter()
