@@ -29,7 +29,7 @@ type LaneKey = u64;
 
 struct Item {
     msg: OwnedMessage,
-    /// The generation of its partition's assignment when it was taken in (see [`OffsetTracker::track`]).
+    /// The generation of its partition's assignment when it was taken in (see [`OffsetTracker::track_at`]).
     generation: u64,
     batch: Arc<Batch>,
 }

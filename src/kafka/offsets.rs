@@ -73,13 +73,14 @@ impl OffsetTracker {
         })
     }
 
-    /// A record enters processing. Returns the partition's generation, which [`Self::finish`] and
-    /// [`Self::is_pending`] want back.
+    /// A record without a timestamp enters processing (the tests' shorthand for [`Self::track_at`]).
+    #[cfg(test)]
     pub fn track(&mut self, topic: &str, partition: i32, offset: i64) -> u64 {
         self.track_at(topic, partition, offset, None)
     }
 
-    /// [`Self::track`], with the record's Kafka timestamp (ms) for [`Self::oldest_unfinished_timestamp`].
+    /// A record enters processing, with its Kafka timestamp (ms) for [`Self::oldest_unfinished_timestamp`].
+    /// Returns the partition's generation, which [`Self::finish`] and [`Self::is_pending`] want back.
     pub fn track_at(
         &mut self,
         topic: &str,
