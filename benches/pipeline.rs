@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Every throughput figure is taken in the same run as its baseline, repeat by repeat, so the ratios hold on a
-//! shared, noisy machine. Prints one JSON document (also written to `BENCH_OUT` if set, after each part).
+//! shared, noisy machine; the order of the measurements rotates from one repeat to the next, and each repeat's own
+//! ratio is reported beside the ratio of the medians. Prints one JSON document (also written to `BENCH_OUT` if
+//! set, after each part).
 //!
 //! The daemon logs as it does by default (level `info`, JSON; `BENCH_LOG_LEVEL` sets another level), into
 //! `target/bench/`.
@@ -83,6 +85,17 @@ fn median(mut v: Vec<f64>) -> f64 {
         return f64::NAN;
     }
     v[v.len() / 2]
+}
+
+/// The order of `parts` measurements in repeat `i`: rotated each repeat, so that a server or machine that slows down
+/// (or warms up) over a run does not always favour the one measured first.
+fn in_turn(i: usize, parts: usize) -> impl Iterator<Item = usize> {
+    (0..parts).map(move |k| (k + i) % parts)
+}
+
+/// `a[i] / b[i]`: each repeat's ratio, from measurements taken minutes apart at most.
+fn paired_ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x / y).collect()
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -919,26 +932,33 @@ async fn pipeline_ceiling(
     let (mut bare, mut pipe) = (Vec::new(), Vec::new());
     let (mut bare_cpu, mut pipe_cpu, mut decoding) = (Vec::new(), Vec::new(), Vec::new());
     let per_record_us = |cpu_s: f64| cpu_s * 1e6 / n_kafka as f64;
-    for _ in 0..env.repeat {
+    for i in 0..env.repeat {
         decoding.push(decode_us(&records));
-        let cpu = cpu_seconds();
-        bare.push(bare_consume(env, &topic, n_kafka).await?);
-        bare_cpu.push(per_record_us(cpu_seconds() - cpu));
-        let cpu = cpu_seconds();
-        pipe.push(pipeline(env, &topic, work, &noop).await?);
-        pipe_cpu.push(per_record_us(cpu_seconds() - cpu));
+        for part in in_turn(i, 2) {
+            let cpu = cpu_seconds();
+            if part == 0 {
+                bare.push(bare_consume(env, &topic, n_kafka).await?);
+                bare_cpu.push(per_record_us(cpu_seconds() - cpu));
+            } else {
+                pipe.push(pipeline(env, &topic, work, &noop).await?);
+                pipe_cpu.push(per_record_us(cpu_seconds() - cpu));
+            }
+        }
     }
     let (b, p) = (median(bare.clone()), median(pipe.clone()));
     let (bc, pc) = (median(bare_cpu.clone()), median(pipe_cpu.clone()));
     let dc = median(decoding.clone());
+    let paired = paired_ratios(&pipe, &bare);
     eprintln!(
-        "[bench]   bare {b:.0}/s ({bc:.1} us CPU per record), pipeline {p:.0}/s ({pc:.1} us CPU per record); decoding alone {dc:.1} us per record"
+        "[bench]   bare {b:.0}/s ({bc:.1} us CPU per record), pipeline {p:.0}/s ({pc:.1} us CPU per record); decoding alone {dc:.1} us per record; ratio {:.2}, repeat by repeat {paired:.2?}",
+        p / b
     );
     out.insert(
         "pipeline_ceiling".into(),
         json!({
             "records": n_kafka, "bare_consume_per_s": bare, "pipeline_noop_per_s": pipe,
             "median_bare_per_s": b, "median_pipeline_per_s": p, "ratio": p / b,
+            "ratio_per_repeat": paired, "median_ratio_per_repeat": median(paired.clone()),
             "bare_cpu_us_per_record": bare_cpu, "pipeline_cpu_us_per_record": pipe_cpu,
             "median_bare_cpu_us_per_record": bc, "median_pipeline_cpu_us_per_record": pc,
             "decode_us_per_record": decoding, "median_decode_us_per_record": dc,
@@ -1006,22 +1026,32 @@ async fn main() -> anyhow::Result<()> {
     let handlers = shipped()?;
     let work = (records.len(), calls(&handlers, &records));
     let (mut ceil, mut ours, mut base) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..env.repeat {
-        ceil.push(server_ceiling(&env, &records).await?);
-        ours.push(pipeline(&env, &topic, work, &handlers).await?);
-        base.push(per_event(&env, &topic, n_per_event).await?);
+    for i in 0..env.repeat {
+        for part in in_turn(i, 3) {
+            match part {
+                0 => ceil.push(server_ceiling(&env, &records).await?),
+                1 => ours.push(pipeline(&env, &topic, work, &handlers).await?),
+                _ => base.push(per_event(&env, &topic, n_per_event).await?),
+            }
+        }
     }
     let (c, o, b) = (
         median(ceil.clone()),
         median(ours.clone()),
         median(base.clone()),
     );
-    eprintln!("[bench]   server ceiling {c:.0}/s, pipeline {o:.0}/s, per-event {b:.0}/s");
+    let (to_ceiling, to_per_event) = (paired_ratios(&ours, &ceil), paired_ratios(&ours, &base));
+    eprintln!(
+        "[bench]   server ceiling {c:.0}/s, pipeline {o:.0}/s, per-event {b:.0}/s; of the server {:.2} (repeat by repeat {to_ceiling:.2?})",
+        o / c
+    );
     out.insert("with_mongodb".into(), json!({
         "records": n_mongo, "per_event_records": n_per_event,
         "server_ceiling_per_s": ceil, "pipeline_per_s": ours, "per_event_per_s": base,
         "median_server_ceiling_per_s": c, "median_pipeline_per_s": o, "median_per_event_per_s": b,
         "ratio_to_ceiling": o / c, "ratio_to_per_event": o / b,
+        "ratio_to_ceiling_per_repeat": to_ceiling, "median_ratio_to_ceiling_per_repeat": median(to_ceiling.clone()),
+        "ratio_to_per_event_per_repeat": to_per_event, "median_ratio_to_per_event_per_repeat": median(to_per_event.clone()),
     }));
     save(&out)?;
     if only_mongodb {
