@@ -1,6 +1,6 @@
 //! Fault injection against the real stack: the daemon runs as its own process (the binary under test) and the
-//! faults are real: `kill -9`, a MongoDB-wire server stopped for 30 s, the Kafka broker restarted, the
-//! dead-letter topic refusing writes. Each scenario ends in a verdict computed from the data: every event id
+//! faults are real: `kill -9`, a consumer frozen with `SIGSTOP`, a MongoDB-wire server stopped for 30 s, the Kafka
+//! broker restarted, the dead-letter topic refusing writes. Each scenario ends in a verdict computed from the data: every event id
 //! produced is found in MongoDB (lost = 0) and no counter or list counts an event twice (applied twice = 0).
 //!
 //! Run with `scripts/faults` (which `scripts/test` calls after the other suites): it needs the services of
@@ -352,6 +352,91 @@ async fn three_consumers_one_killed_one_added_while_events_flow() {
         ),
     );
     assert_eq!(dead, 0);
+}
+
+/// One of two consumers frozen (SIGSTOP) past its session timeout while events flow: the group gives its
+/// partitions to the other, which redoes what the frozen one had not committed. Thawed (SIGCONT), the frozen one
+/// is a zombie for a moment: its records in flight finish and it tries to commit them, but the group has moved on.
+/// It must learn that (a commit refused, or its assignment reported lost), commit nothing over the new owner, and
+/// rejoin; nothing is lost or applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_frozen_past_its_session_timeout_then_thawed() {
+    require_local_stack();
+    let env = TestEnv::new("frozen", PARTITIONS).await;
+    let mut w = Workload::new();
+    let frozen = Proc::start(&env, "frozen-a");
+    let other = Proc::start(&env, "frozen-b");
+    let producing = produce_steadily(&env, &mut w, 40, 10);
+    let started = Instant::now();
+    let assigned = |name: &str| {
+        log_lines(name)
+            .iter()
+            .filter(|l| l["message"] == "Partitions assigned")
+            .flat_map(partitions_of)
+            .count()
+    };
+    wait_until(
+        "both consumers to have partitions",
+        Duration::from_secs(60),
+        || std::future::ready(assigned("frozen-a") > 0 && assigned("frozen-b") > 0),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let b_before = assigned("frozen-b");
+    assert!(frozen.signal("STOP"), "SIGSTOP to the first consumer");
+    let stopped = Instant::now();
+    let stopped_at = started.elapsed();
+    // The session timeout is 10 s; the other consumer then takes the frozen one's partitions.
+    wait_until(
+        "the other consumer to take the frozen one's partitions",
+        Duration::from_secs(60),
+        || std::future::ready(assigned("frozen-b") > b_before),
+    )
+    .await;
+    let taken_after = stopped.elapsed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before_thaw = log_lines("frozen-a").len();
+    assert!(frozen.signal("CONT"), "SIGCONT to the frozen consumer");
+    let thawed = Instant::now();
+    producing.await.unwrap();
+    wait_finished(&env, w.len()).await;
+    let recovery = thawed.elapsed();
+    let after: Vec<serde_json::Value> = log_lines("frozen-a").split_off(before_thaw);
+    let said = |m: &str| {
+        after
+            .iter()
+            .filter(|l| l["message"].as_str().is_some_and(|s| s.starts_with(m)))
+            .count()
+    };
+    let rejoined = after
+        .iter()
+        .filter(|l| l["message"] == "Partitions assigned" && !partitions_of(l).is_empty())
+        .count();
+    let (refused, lost) = (said("Offset commit failed"), said("Partitions lost"));
+    assert!(frozen.terminate().success());
+    assert!(other.terminate().success());
+    assert!(
+        refused + lost > 0,
+        "the thawed consumer learned the group had moved on: a commit refused or its assignment lost"
+    );
+    assert!(rejoined > 0, "the thawed consumer rejoined the group");
+    let v = verdict(&env, &w).await;
+    let dead = read_all(&env.kafka, &env.dlq, 0, Duration::from_secs(5)).len();
+    record(
+        "consumer_frozen_past_session_timeout",
+        v,
+        dead,
+        recovery,
+        &format!(
+            "100 events/s for 40 s, two consumers (10 s session timeout); one stopped (SIGSTOP) at {:.1} s, its \
+             partitions taken by the other {:.1} s later, resumed (SIGCONT) 5 s after that; once resumed it had \
+             {refused} commits refused, reported its assignment lost {lost} times and was assigned partitions \
+             again {rejoined} times; recovery from the resume to the last record committed",
+            stopped_at.as_secs_f64(),
+            taken_after.as_secs_f64()
+        ),
+    );
+    assert_eq!(dead, 0, "nothing is dead-lettered for a frozen consumer");
 }
 
 /// A service of the stack stopped 5 s into `secs` seconds of 100 events/s, and started again after `down_for`.

@@ -135,18 +135,22 @@ impl ConsumerContext for ProcessorContext {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 let revoked = tpl_to_vec(tpl);
-                if !consumer.assignment_lost() {
+                // Lost: the group went on without this consumer (its session timed out, e.g. while the process
+                // was stopped), so other consumers may own these partitions already. Nothing is committed for
+                // them; of their records here, those already running finish (idempotently), the rest are dropped.
+                let lost = consumer.assignment_lost();
+                if !lost {
                     self.drain(&revoked);
                 }
-                metrics::counter!("event_processor_rebalances_total", "kind" => "revoke")
-                    .increment(1);
+                let kind = if lost { "lost" } else { "revoke" };
+                metrics::counter!("event_processor_rebalances_total", "kind" => kind).increment(1);
                 let offsets = match self.tracker.lock() {
                     Ok(mut t) => t.revoke(&revoked),
                     Err(_) => Vec::new(),
                 };
                 // Commit what is finished before the partitions move, so the next owner does not redo it.
                 // "Nothing to commit" is success.
-                if !offsets.is_empty() && !consumer.assignment_lost() {
+                if !offsets.is_empty() && !lost {
                     match to_tpl(&offsets).and_then(|l| consumer.commit(&l, CommitMode::Sync)) {
                         Ok(()) => tracing::info!(
                             ?offsets,
@@ -158,7 +162,11 @@ impl ConsumerContext for ProcessorContext {
                     }
                 }
                 self.health.remove_assigned(revoked.len());
-                tracing::info!(partitions = ?revoked, "Partitions revoked");
+                if lost {
+                    tracing::warn!(partitions = ?revoked, "Partitions lost: the group went on without this consumer (its session timed out); their uncommitted records are redone by their next owner");
+                } else {
+                    tracing::info!(partitions = ?revoked, "Partitions revoked");
+                }
                 if let Ok(mut r) = self.revoked.lock() {
                     r.extend(revoked);
                 }

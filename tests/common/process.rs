@@ -78,10 +78,16 @@ impl Proc {
 
     /// SIGTERM, and the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        self.signal("TERM");
         self.child.wait().unwrap()
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) by name; false if it could not be sent (the process is gone).
+    pub fn signal(&self, name: &str) -> bool {
+        Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
     }
 }
 
