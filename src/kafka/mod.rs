@@ -241,7 +241,12 @@ fn consumer_config(config: &Config) -> ClientConfig {
     {
         cc.set("group.instance.id", id);
     }
-    cc.set_log_level(RDKafkaLogLevel::Warning);
+    // librdkafka's `debug` contexts (`KAFKA_PROPERTY_DEBUG=cgrp,...`) log at debug level: let them through.
+    cc.set_log_level(if config.kafka_properties.contains_key("debug") {
+        RDKafkaLogLevel::Debug
+    } else {
+        RDKafkaLogLevel::Warning
+    });
     cc
 }
 
@@ -348,6 +353,15 @@ mod tests {
         assert_eq!(cc.get("fetch.queue.backoff.ms"), Some("250"));
         assert_eq!(cc.get("queued.min.messages"), Some("500"));
         assert_eq!(cc.get("partition.assignment.strategy"), Some("range"));
+    }
+
+    #[test]
+    fn librdkafka_logs_warnings_unless_its_debug_contexts_are_asked_for() {
+        let level = |cc: &ClientConfig| format!("{:?}", cc.log_level);
+        assert_eq!(level(&consumer_config(&config(&[]))), "Warning");
+        let cc = consumer_config(&config(&[("KAFKA_PROPERTY_DEBUG", "cgrp,fetch")]));
+        assert_eq!(cc.get("debug"), Some("cgrp,fetch"));
+        assert_eq!(level(&cc), "Debug");
     }
 
     #[test]

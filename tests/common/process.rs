@@ -43,27 +43,33 @@ impl Proc {
     pub fn start_with(env: &TestEnv, name: &str, vars: &[(&str, &str)]) -> Proc {
         std::fs::create_dir_all(log_path(name).parent().unwrap()).unwrap();
         let log = std::fs::File::create(log_path(name)).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_event-processor"))
-            .arg("run")
-            .env_clear()
-            .env("KAFKA_BOOTSTRAP_SERVERS", &env.kafka)
-            .env("MONGODB_URI", &env.mongo_uri)
-            .env("MONGODB_DATABASE", &env.db_name)
-            .env("KAFKA_TOPICS", &env.topic)
-            .env("KAFKA_GROUP_ID", &env.group)
-            .env("DLQ_TOPIC", &env.dlq)
-            .env("HTTP_PORT", "0")
-            .env("LOG_LEVEL", "info")
-            .env("LOG_FORMAT", "json")
-            .env("KAFKA_SESSION_TIMEOUT_MS", "10000")
-            .env("SHUTDOWN_TIMEOUT_MS", "5000")
-            .env("RETRY_INITIAL_BACKOFF_MS", "50")
-            .env("RETRY_MAX_BACKOFF_MS", "2000")
-            .envs(vars.iter().copied())
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("starting the event-processor binary");
+        let child =
+            Command::new(env!("CARGO_BIN_EXE_event-processor"))
+                .arg("run")
+                .env_clear()
+                .env("KAFKA_BOOTSTRAP_SERVERS", &env.kafka)
+                .env("MONGODB_URI", &env.mongo_uri)
+                .env("MONGODB_DATABASE", &env.db_name)
+                .env("KAFKA_TOPICS", &env.topic)
+                .env("KAFKA_GROUP_ID", &env.group)
+                .env("DLQ_TOPIC", &env.dlq)
+                .env("HTTP_PORT", "0")
+                .env("LOG_LEVEL", "info")
+                .env("LOG_FORMAT", "json")
+                .env("KAFKA_SESSION_TIMEOUT_MS", "10000")
+                .env("SHUTDOWN_TIMEOUT_MS", "5000")
+                .env("RETRY_INITIAL_BACKOFF_MS", "50")
+                .env("RETRY_MAX_BACKOFF_MS", "2000")
+                .envs(vars.iter().copied())
+                // `FAULTS_DAEMON_<VARIABLE>` of the test's environment goes to every daemon as `<VARIABLE>`, e.g.
+                // `FAULTS_DAEMON_KAFKA_PROPERTY_DEBUG=cgrp` with `FAULTS_DAEMON_LOG_LEVEL=info,librdkafka=debug`.
+                .envs(std::env::vars().filter_map(|(k, v)| {
+                    k.strip_prefix("FAULTS_DAEMON_").map(|k| (k.to_string(), v))
+                }))
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("starting the event-processor binary");
         Proc {
             child,
             name: name.to_string(),
