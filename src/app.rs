@@ -92,6 +92,7 @@ pub async fn run_with_registry(
         Arc::new(KafkaDeadLetters::new(&config).context("creating the dead-letter producer")?);
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     let revoked = Arc::new(Mutex::new(Vec::new()));
+    let out_of_group = CancellationToken::new();
     let consumer = Arc::new(
         kafka::create_consumer(
             &config,
@@ -101,6 +102,8 @@ pub async fn run_with_registry(
                 revoked: revoked.clone(),
                 drain_timeout: config.rebalance_drain_timeout(),
                 caught_up_at: Default::default(),
+                rejoin: Mutex::new(kafka::RejoinWatch::new(config.kafka_rejoin_timeout_ms)),
+                out_of_group: out_of_group.clone(),
             },
         )
         .context("creating the Kafka consumer (KAFKA_BOOTSTRAP_SERVERS, KAFKA_TOPICS)")?,
@@ -125,6 +128,7 @@ pub async fn run_with_registry(
         health: health.clone(),
         dispatcher: dispatcher.clone(),
         shutdown: shutdown.clone(),
+        out_of_group: out_of_group.clone(),
         work_cancel,
         carry: Vec::new(),
         paused: None,
@@ -148,6 +152,15 @@ pub async fn run_with_registry(
     drop(lp);
     http_stop.cancel();
     let _ = pinger.await;
+    if out_of_group.is_cancelled() {
+        // Closing a consumer stuck outside its group can wait for good (for the commit it never got an answer
+        // to): leave it to the process's exit.
+        std::mem::forget(consumer);
+        anyhow::bail!(
+            "the Kafka consumer did not get back into its group within KAFKA_REJOIN_TIMEOUT_MS although a broker \
+             was reachable"
+        );
+    }
     let consumer = Arc::try_unwrap(consumer).ok();
     tokio::task::spawn_blocking(move || {
         if let Some(c) = consumer {
@@ -187,6 +200,8 @@ struct Loop<'a> {
     health: Arc<Health>,
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
+    /// Cancelled when the consumer gave up getting back into its group: the loop ends as on shutdown.
+    out_of_group: CancellationToken,
     work_cancel: CancellationToken,
     /// Records received while the partitions were paused, processed next.
     carry: Vec<OwnedMessage>,
@@ -241,6 +256,7 @@ impl Loop<'_> {
             let receive = !full || self.paused.is_some();
             tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
+                _ = self.out_of_group.cancelled() => return None,
                 r = self.consumer.recv(), if receive => match r {
                     // Paused partitions may still hand out what was fetched before the pause: keep it for later.
                     Ok(m) => self.take(m.detach(), &mut batch, full),

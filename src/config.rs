@@ -99,6 +99,10 @@ pub struct Config {
     pub kafka_session_timeout_ms: u64,
     #[serde(default = "d::max_poll_interval_ms")]
     pub kafka_max_poll_interval_ms: u64,
+    /// How long the consumer may stay out of its group (not `steady`) while a broker is reachable before the
+    /// process gives up and exits for its supervisor to restart it; 0 disables. librdkafka can fail to rejoin.
+    #[serde(default = "d::rejoin_timeout_ms")]
+    pub kafka_rejoin_timeout_ms: u64,
     /// Static group membership: a stable id per instance (e.g. the host name) avoids a rebalance on restart.
     #[serde(default)]
     pub kafka_group_instance_id: Option<String>,
@@ -169,6 +173,9 @@ mod d {
     }
     pub fn max_poll_interval_ms() -> u64 {
         300_000
+    }
+    pub fn rejoin_timeout_ms() -> u64 {
+        600_000
     }
     pub fn concurrency() -> usize {
         256
@@ -298,6 +305,18 @@ impl Config {
             return bad(
                 "SHUTDOWN_TIMEOUT_MS",
                 "must be below KAFKA_SESSION_TIMEOUT_MS so a drain finishes before the group gives up on us",
+            );
+        }
+        if self.kafka_rejoin_timeout_ms != 0
+            && self.kafka_rejoin_timeout_ms
+                <= self
+                    .kafka_max_poll_interval_ms
+                    .max(self.kafka_session_timeout_ms)
+        {
+            return bad(
+                "KAFKA_REJOIN_TIMEOUT_MS",
+                "must be 0 (off) or above KAFKA_MAX_POLL_INTERVAL_MS and KAFKA_SESSION_TIMEOUT_MS: a rebalance may \
+                 legitimately wait that long for the other members",
             );
         }
         if self.rebalance_drain_timeout_ms >= self.kafka_max_poll_interval_ms {
@@ -464,6 +483,21 @@ mod tests {
         let err =
             Config::from_vars(vars(&[("KAFKA_PROPERTY_ENABLE_AUTO_COMMIT", "true")])).unwrap_err();
         assert!(err.0.contains("KAFKA_PROPERTY_ENABLE_AUTO_COMMIT"), "{err}");
+    }
+
+    #[test]
+    fn rejoin_timeout_is_off_or_longer_than_a_rebalance_may_take() {
+        let c = Config::from_vars(vars(&[])).unwrap();
+        assert_eq!(c.kafka_rejoin_timeout_ms, 600_000);
+        let err = Config::from_vars(vars(&[("KAFKA_REJOIN_TIMEOUT_MS", "300000")])).unwrap_err();
+        assert!(err.0.starts_with("KAFKA_REJOIN_TIMEOUT_MS"), "{err}");
+        let c = Config::from_vars(vars(&[
+            ("KAFKA_REJOIN_TIMEOUT_MS", "60000"),
+            ("KAFKA_MAX_POLL_INTERVAL_MS", "30000"),
+        ]))
+        .unwrap();
+        assert_eq!(c.kafka_rejoin_timeout_ms, 60_000);
+        assert!(Config::from_vars(vars(&[("KAFKA_REJOIN_TIMEOUT_MS", "0")])).is_ok());
     }
 
     #[test]

@@ -47,7 +47,9 @@ async fn run() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "event-processor failed");
-            ExitCode::FAILURE
+            // Now, not by returning: the runtime's shutdown would wait for its blocking threads, and one may be
+            // in a Kafka call that never returns (see `KAFKA_REJOIN_TIMEOUT_MS`).
+            std::process::exit(1)
         }
     }
 }

@@ -453,11 +453,10 @@ async fn outage_under_load(
     let mut w = Workload::new();
     let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let p = Proc::start_with(
-        &env,
-        &format!("{service}down"),
-        &[("HTTP_PORT", &port.to_string())],
-    );
+    let name = format!("{service}down");
+    let port_var = port.to_string();
+    let vars = [("HTTP_PORT", port_var.as_str())];
+    let p = Proc::start_with(&env, &name, &vars);
     env.produce(&w.next(10)).await;
     wait_finished(&env, w.len()).await;
     let producing = produce_steadily(&env, &mut w, secs, 10);
@@ -479,7 +478,7 @@ async fn outage_under_load(
     stack(&["start", service]);
     let restarted = Instant::now();
     producing.await.unwrap();
-    wait_finished(&env, w.len()).await;
+    let (p, exits) = supervise_until_finished(&env, w.len(), p, &name, &vars).await;
     let recovery = restarted.elapsed();
     if lag_during.is_some() {
         wait_until(
@@ -495,14 +494,58 @@ async fn outage_under_load(
     assert!(p.terminate().success());
     let v = verdict(&env, &w).await;
     let dead = read_all(&env.kafka, &env.dlq, 0, Duration::from_secs(5)).len();
-    let note = match lag_during {
+    let mut note = match lag_during {
         Some(lag) => format!(
             "{note}; the largest lag in seconds of a partition was {lag:.0} s at the end of the outage and 0 after recovery"
         ),
         None => note.to_string(),
     };
+    if exits > 0 {
+        note.push_str(&format!(
+            "; the daemon did not get back into its group, exited after KAFKA_REJOIN_TIMEOUT_MS and was started \
+             again {exits} time(s), as its supervisor would"
+        ));
+    }
     record(scenario, v, dead, recovery, &note);
     assert_eq!(dead, 0, "nothing is dead-lettered for an outage");
+}
+
+/// Waits, as [`wait_finished`] does, until every record is committed, meanwhile doing what a supervisor (Docker's
+/// restart policy, Kubernetes) does: a daemon that exited because it could not get back into its group
+/// (`KAFKA_REJOIN_TIMEOUT_MS`) is started again. Any other exit fails. Returns the daemon and how often it exited.
+async fn supervise_until_finished(
+    env: &TestEnv,
+    records: usize,
+    mut p: Proc,
+    name: &str,
+    vars: &[(&str, &str)],
+) -> (Proc, usize) {
+    let deadline = Instant::now() + RECOVERY;
+    let mut exits = 0;
+    let mut current = name.to_string();
+    while Instant::now() < deadline {
+        if committed_sum(env) >= records as i64 {
+            return (p, exits);
+        }
+        if let Some(status) = p.exited() {
+            let gave_up = log_lines(&current).iter().any(|l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("The consumer has not got back into its group"))
+            });
+            assert!(
+                gave_up && !status.success(),
+                "daemon {current} exited ({status}) other than by giving up on its group"
+            );
+            exits += 1;
+            current = format!("{name}-{exits}");
+            p = Proc::start_with(env, &current, vars);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Fails with each partition's committed and end offsets.
+    common::wait_committed(env, PARTITIONS, records as i64, Duration::from_secs(1)).await;
+    (p, exits)
 }
 
 /// The largest `event_processor_consumer_lag_seconds` of the daemon serving `/metrics` at `base`.

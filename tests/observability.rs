@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
-use common::process::Proc;
+use common::process::{self, Proc};
 use common::*;
 use serde_json::Value;
 
@@ -122,4 +122,83 @@ async fn metrics_and_health_report_what_the_daemon_did() {
         !healthcheck(port),
         "the healthcheck fails once the daemon is gone"
     );
+}
+
+/// A consumer that cannot get into its group although the broker answers says so and exits, so that its
+/// supervisor starts a new one (librdkafka can stay out of its group for good after a broker restart). Made
+/// here without a broken librdkafka: another member of the group holds every partition and stops polling, so it
+/// never gives them up and the rebalance the daemon's arrival starts waits for it (up to its own
+/// `max.poll.interval.ms`, 120 s); the daemon's `KAFKA_REJOIN_TIMEOUT_MS` is 20 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_kept_out_of_its_group_exits_after_the_rejoin_timeout() {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let env = TestEnv::new("outofgroup", 2).await;
+    env.produce(&new_users(4, "outofgroup")).await;
+    let holder: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka)
+        .set("group.id", &env.group)
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "10000")
+        .set("max.poll.interval.ms", "120000")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("the holding consumer");
+    holder.subscribe(&[&env.topic]).unwrap();
+    let started = std::time::Instant::now();
+    while holder.assignment().map_or(0, |a| a.count()) < 2 {
+        assert!(
+            started.elapsed() < WAIT,
+            "the holding consumer got no partitions"
+        );
+        let _ = holder.poll(Duration::from_millis(100));
+    }
+    // From here on `holder` is not polled: its heartbeats go on, its revoke never happens.
+    let name = format!("outofgroup-{}", env.topic);
+    let mut daemon = Proc::start_with(
+        &env,
+        &name,
+        &[
+            ("KAFKA_PROPERTY_PARTITION_ASSIGNMENT_STRATEGY", "range"),
+            ("KAFKA_MAX_POLL_INTERVAL_MS", "15000"),
+            ("KAFKA_REJOIN_TIMEOUT_MS", "20000"),
+        ],
+    );
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = daemon.exited() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the daemon kept out of its group did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(1), "exits with an error");
+    assert!(
+        took >= Duration::from_secs(20),
+        "gave up only after KAFKA_REJOIN_TIMEOUT_MS: {took:?}"
+    );
+    let lines = process::log_lines(&name);
+    let gave_up = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("The consumer has not got back into its group"))
+        })
+        .expect("the give-up is logged");
+    assert_eq!(gave_up["level"], "ERROR");
+    assert!(gave_up["out_of_group_s"].as_i64() >= Some(20), "{gave_up}");
+    assert_ne!(gave_up["join_state"], "steady", "{gave_up}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "event-processor failed"),
+        "the exit says why"
+    );
+    drop(holder);
 }

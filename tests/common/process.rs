@@ -57,6 +57,8 @@ impl Proc {
                 .env("LOG_LEVEL", "info")
                 .env("LOG_FORMAT", "json")
                 .env("KAFKA_SESSION_TIMEOUT_MS", "10000")
+                .env("KAFKA_MAX_POLL_INTERVAL_MS", "30000")
+                .env("KAFKA_REJOIN_TIMEOUT_MS", "60000")
                 .env("SHUTDOWN_TIMEOUT_MS", "5000")
                 .env("RETRY_INITIAL_BACKOFF_MS", "50")
                 .env("RETRY_MAX_BACKOFF_MS", "2000")
@@ -74,6 +76,11 @@ impl Proc {
             child,
             name: name.to_string(),
         }
+    }
+
+    /// The exit status, once the process has ended by itself.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// SIGKILL: no drain, no commit, no goodbye to the group.
