@@ -401,11 +401,38 @@ pub async fn create_topics(kafka: &str, topics: &[(&str, i32)]) {
     }
 }
 
+/// Produces `records` and waits for every acknowledgement. A record not acknowledged within a minute (a producer
+/// made while the broker restarts can stay without a usable connection) is sent again by a new producer, up to
+/// three times; only those records, so none is written twice unless the broker wrote it and lost the answer.
 pub async fn produce(kafka: &str, topic: &str, records: &[Rec]) {
+    let mut pending: Vec<&Rec> = records.iter().collect();
+    for attempt in 1..=3 {
+        let failed = send_all(kafka, topic, &pending).await;
+        if failed.is_empty() {
+            return;
+        }
+        let (_, e) = &failed[0];
+        assert!(attempt < 3, "produce: {e} ({} records)", failed.len());
+        eprintln!(
+            "produce: {} of {} records not acknowledged ({e}); sending them again",
+            failed.len(),
+            pending.len()
+        );
+        pending = failed.into_iter().map(|(r, _)| r).collect();
+    }
+}
+
+/// The records of `records` that failed, with their error.
+async fn send_all<'r>(
+    kafka: &str,
+    topic: &str,
+    records: &[&'r Rec],
+) -> Vec<(&'r Rec, rdkafka::error::KafkaError)> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka)
         .set("linger.ms", "5")
         .set("message.max.bytes", "3000000")
+        .set("message.timeout.ms", "60000")
         .create()
         .expect("producer");
     let futures: Vec<_> = records
@@ -434,9 +461,13 @@ pub async fn produce(kafka: &str, topic: &str, records: &[Rec]) {
             producer.send(fr, Duration::from_secs(30))
         })
         .collect();
-    for f in futures {
-        f.await.map_err(|(e, _)| e).expect("produce");
+    let mut failed = Vec::new();
+    for (r, f) in records.iter().zip(futures) {
+        if let Err((e, _)) = f.await {
+            failed.push((*r, e));
+        }
     }
+    failed
 }
 
 pub fn committed(kafka: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
