@@ -157,8 +157,7 @@ pub async fn run_with_registry(
         // to): leave it to the process's exit.
         std::mem::forget(consumer);
         anyhow::bail!(
-            "the Kafka consumer did not get back into its group within KAFKA_REJOIN_TIMEOUT_MS although a broker \
-             was reachable"
+            "the Kafka consumer did not get back into its group within KAFKA_REJOIN_TIMEOUT_MS"
         );
     }
     let consumer = Arc::try_unwrap(consumer).ok();

@@ -99,8 +99,8 @@ pub struct Config {
     pub kafka_session_timeout_ms: u64,
     #[serde(default = "d::max_poll_interval_ms")]
     pub kafka_max_poll_interval_ms: u64,
-    /// How long the consumer may stay out of its group (not `steady`) while a broker is reachable before the
-    /// process gives up and exits for its supervisor to restart it; 0 disables. librdkafka can fail to rejoin.
+    /// How long the consumer may stay out of its group (join state not `steady`) before the process gives up
+    /// and exits for its supervisor to restart it; 0 disables. librdkafka can fail to rejoin after a broker restart.
     #[serde(default = "d::rejoin_timeout_ms")]
     pub kafka_rejoin_timeout_ms: u64,
     /// Static group membership: a stable id per instance (e.g. the host name) avoids a rebalance on restart.

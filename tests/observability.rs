@@ -124,9 +124,8 @@ async fn metrics_and_health_report_what_the_daemon_did() {
     );
 }
 
-/// A consumer that cannot get into its group although the broker answers says so and exits, so that its
-/// supervisor starts a new one (librdkafka can stay out of its group for good after a broker restart). Made
-/// here without a broken librdkafka: another member of the group holds every partition and stops polling, so it
+/// A consumer that cannot get into its group says so and exits, so that its supervisor starts a new one
+/// (librdkafka can stay out of its group for good after a broker restart). Made here without a broken librdkafka: another member of the group holds every partition and stops polling, so it
 /// never gives them up and the rebalance the daemon's arrival starts waits for it (up to its own
 /// `max.poll.interval.ms`, 120 s); the daemon's `KAFKA_REJOIN_TIMEOUT_MS` is 20 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,6 +193,7 @@ async fn a_consumer_kept_out_of_its_group_exits_after_the_rejoin_timeout() {
     assert_eq!(gave_up["level"], "ERROR");
     assert!(gave_up["out_of_group_s"].as_i64() >= Some(20), "{gave_up}");
     assert_ne!(gave_up["join_state"], "steady", "{gave_up}");
+    assert!(gave_up["brokers_up"].as_u64() >= Some(1), "{gave_up}");
     assert!(
         lines
             .iter()

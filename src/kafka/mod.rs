@@ -34,16 +34,18 @@ pub struct ProcessorContext {
     pub drain_timeout: Duration,
     /// When each partition last had no lag (ms), for its lag in seconds.
     pub caught_up_at: Mutex<HashMap<Tp, i64>>,
-    /// Whether the consumer stays out of its group while Kafka is reachable.
+    /// Whether the consumer stays out of its group.
     pub rejoin: Mutex<RejoinWatch>,
     /// Cancelled once [`RejoinWatch`] gives up: the loop ends and the process exits for a restart.
     pub out_of_group: tokio_util::sync::CancellationToken,
 }
 
-/// Watches, one statistics report at a time, for a consumer that does not get back into its group although a
-/// broker is reachable: its group's join state is not `steady` in every report for `timeout_ms`, while some
-/// broker is up. After a broker restart librdkafka (2.12) can stay so for good, with a commit sent while the
-/// coordinator was away never answered; nothing short of a new consumer gets it back.
+/// Watches, one statistics report at a time, for a consumer that does not get back into its group: its group's
+/// join state is not `steady` in any report for `timeout_ms`. After a broker restart librdkafka (2.12) can stay
+/// so for good: the revoke of a lost assignment waits for a commit sent while the coordinator was away, that
+/// commit waits in the queue of a coordinator no longer known, and no broker connection is made again to find
+/// one (its debug log repeats "no broker available for coordinator query" with the broker up). Nothing short of
+/// a new consumer gets it back.
 #[derive(Debug)]
 pub struct RejoinWatch {
     timeout_ms: i64,
@@ -60,14 +62,9 @@ impl RejoinWatch {
     }
 
     /// Takes one report; how long the consumer has been out of its group, once that reaches the timeout.
-    pub fn observe(
-        &mut self,
-        join_state: Option<&str>,
-        broker_up: bool,
-        now_ms: i64,
-    ) -> Option<i64> {
+    pub fn observe(&mut self, join_state: Option<&str>, now_ms: i64) -> Option<i64> {
         let settled = join_state.is_none_or(|s| s == "steady");
-        if self.timeout_ms <= 0 || settled || !broker_up {
+        if self.timeout_ms <= 0 || settled {
             self.since_ms = None;
             return None;
         }
@@ -157,27 +154,29 @@ impl ClientContext for ProcessorContext {
 impl ProcessorContext {
     fn watch_group(&self, stats: &Statistics, now_ms: i64) {
         let join_state = stats.cgrp.as_ref().map(|g| g.join_state.as_str());
-        // A real broker (not the group coordinator's logical handle, which has no node id) that answers.
-        let broker_up = stats
-            .brokers
-            .values()
-            .any(|b| b.nodeid >= 0 && b.source != "logical" && b.state == "UP");
         let out_for = self
             .rejoin
             .lock()
             .ok()
-            .and_then(|mut w| w.observe(join_state, broker_up, now_ms));
+            .and_then(|mut w| w.observe(join_state, now_ms));
         if let Some(ms) = out_for
             && !self.out_of_group.is_cancelled()
         {
             let group = stats.cgrp.as_ref();
+            // Connections librdkafka has up to real brokers (not the coordinator's logical handle).
+            let brokers_up = stats
+                .brokers
+                .values()
+                .filter(|b| b.nodeid >= 0 && b.source != "logical" && b.state == "UP")
+                .count();
             tracing::error!(
                 out_of_group_s = ms / 1000,
                 group_state = group.map(|g| g.state.as_str()),
                 join_state,
                 rebalance_reason = group.map(|g| g.rebalance_reason.as_str()),
-                "The consumer has not got back into its group although a Kafka broker is reachable \
-                 (KAFKA_REJOIN_TIMEOUT_MS); exiting so that the process is restarted"
+                brokers_up,
+                "The consumer has not got back into its group (KAFKA_REJOIN_TIMEOUT_MS); exiting so that the \
+                 process is restarted"
             );
             self.out_of_group.cancel();
         }
@@ -427,25 +426,23 @@ mod tests {
     }
 
     #[test]
-    fn gives_up_only_after_the_timeout_out_of_the_group_with_a_broker_up_all_along() {
+    fn gives_up_only_after_a_whole_timeout_out_of_the_group() {
         let mut w = RejoinWatch::new(60_000);
-        let wait = Some("wait-unassign-to-complete");
-        assert_eq!(w.observe(Some("steady"), true, 0), None);
-        assert_eq!(w.observe(wait, true, 5_000), None, "out since 5 s");
-        assert_eq!(w.observe(wait, true, 60_000), None, "55 s");
-        assert_eq!(w.observe(wait, true, 65_000), Some(60_000));
-        // Back in the group, or no broker to talk to: the count starts again.
-        assert_eq!(w.observe(Some("steady"), true, 70_000), None);
-        assert_eq!(w.observe(wait, true, 75_000), None);
-        assert_eq!(w.observe(wait, false, 130_000), None, "broker down");
-        assert_eq!(w.observe(wait, true, 135_000), None, "out since 135 s");
-        assert_eq!(w.observe(wait, true, 190_000), None);
-        assert_eq!(w.observe(wait, true, 195_000), Some(60_000));
+        let wait = Some("wait-incr-unassign-to-complete");
+        assert_eq!(w.observe(Some("steady"), 0), None);
+        assert_eq!(w.observe(wait, 5_000), None, "out since 5 s");
+        assert_eq!(w.observe(Some("wait-join"), 60_000), None, "55 s");
+        assert_eq!(w.observe(wait, 65_000), Some(60_000));
+        // Back in the group: the count starts again.
+        assert_eq!(w.observe(Some("steady"), 70_000), None);
+        assert_eq!(w.observe(wait, 75_000), None, "out since 75 s");
+        assert_eq!(w.observe(wait, 130_000), None);
+        assert_eq!(w.observe(wait, 140_000), Some(65_000));
         // No group in the report: nothing to watch.
-        assert_eq!(w.observe(None, true, 300_000), None);
+        assert_eq!(w.observe(None, 300_000), None);
         let mut off = RejoinWatch::new(0);
-        assert_eq!(off.observe(wait, true, 0), None);
-        assert_eq!(off.observe(wait, true, 10_000_000), None);
+        assert_eq!(off.observe(wait, 0), None);
+        assert_eq!(off.observe(wait, 10_000_000), None);
     }
 
     #[test]
