@@ -12,7 +12,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::{Proc, log_lines, log_path};
+use common::process::{Proc, gave_up_on_group, log_lines, log_path};
 use common::{Rec, TestEnv, change_event, committed, new_id, read_all, wait_until};
 use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
@@ -528,11 +528,7 @@ async fn supervise_until_finished(
             return (p, exits);
         }
         if let Some(status) = p.exited() {
-            let gave_up = log_lines(&current).iter().any(|l| {
-                l["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with("The consumer has not got back into its group"))
-            });
+            let gave_up = gave_up_on_group(&current).is_some();
             assert!(
                 gave_up && !status.success(),
                 "daemon {current} exited ({status}) other than by giving up on its group"

@@ -182,14 +182,7 @@ async fn a_consumer_kept_out_of_its_group_exits_after_the_rejoin_timeout() {
         "gave up only after KAFKA_REJOIN_TIMEOUT_MS: {took:?}"
     );
     let lines = process::log_lines(&name);
-    let gave_up = lines
-        .iter()
-        .find(|l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("The consumer has not got back into its group"))
-        })
-        .expect("the give-up is logged");
+    let gave_up = process::gave_up_on_group(&name).expect("the give-up is logged");
     assert_eq!(gave_up["level"], "ERROR");
     assert!(gave_up["out_of_group_s"].as_i64() >= Some(20), "{gave_up}");
     assert_ne!(gave_up["join_state"], "steady", "{gave_up}");

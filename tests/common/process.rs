@@ -117,3 +117,13 @@ pub fn log_lines(name: &str) -> Vec<serde_json::Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// The line in which the daemon started as `name` gave up on its consumer group (`KAFKA_REJOIN_TIMEOUT_MS`), if
+/// it wrote one.
+pub fn gave_up_on_group(name: &str) -> Option<serde_json::Value> {
+    log_lines(name).into_iter().find(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("The consumer has not got back into its group"))
+    })
+}
