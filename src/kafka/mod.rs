@@ -115,6 +115,36 @@ impl ProcessorContext {
             );
         }
     }
+
+    fn watch_group(&self, stats: &Statistics, now_ms: i64) {
+        let join_state = stats.cgrp.as_ref().map(|g| g.join_state.as_str());
+        let out_for = self
+            .rejoin
+            .lock()
+            .ok()
+            .and_then(|mut w| w.observe(join_state, now_ms));
+        if let Some(ms) = out_for
+            && !self.out_of_group.is_cancelled()
+        {
+            let group = stats.cgrp.as_ref();
+            // Connections librdkafka has up to real brokers (not the coordinator's logical handle).
+            let brokers_up = stats
+                .brokers
+                .values()
+                .filter(|b| b.nodeid >= 0 && b.source != "logical" && b.state == "UP")
+                .count();
+            tracing::error!(
+                out_of_group_s = ms / 1000,
+                group_state = group.map(|g| g.state.as_str()),
+                join_state,
+                rebalance_reason = group.map(|g| g.rebalance_reason.as_str()),
+                brokers_up,
+                "The consumer has not got back into its group (KAFKA_REJOIN_TIMEOUT_MS); exiting so that the \
+                 process is restarted"
+            );
+            self.out_of_group.cancel();
+        }
+    }
 }
 
 impl ClientContext for ProcessorContext {
@@ -147,38 +177,6 @@ impl ClientContext for ProcessorContext {
                     .set(seconds);
                 }
             }
-        }
-    }
-}
-
-impl ProcessorContext {
-    fn watch_group(&self, stats: &Statistics, now_ms: i64) {
-        let join_state = stats.cgrp.as_ref().map(|g| g.join_state.as_str());
-        let out_for = self
-            .rejoin
-            .lock()
-            .ok()
-            .and_then(|mut w| w.observe(join_state, now_ms));
-        if let Some(ms) = out_for
-            && !self.out_of_group.is_cancelled()
-        {
-            let group = stats.cgrp.as_ref();
-            // Connections librdkafka has up to real brokers (not the coordinator's logical handle).
-            let brokers_up = stats
-                .brokers
-                .values()
-                .filter(|b| b.nodeid >= 0 && b.source != "logical" && b.state == "UP")
-                .count();
-            tracing::error!(
-                out_of_group_s = ms / 1000,
-                group_state = group.map(|g| g.state.as_str()),
-                join_state,
-                rebalance_reason = group.map(|g| g.rebalance_reason.as_str()),
-                brokers_up,
-                "The consumer has not got back into its group (KAFKA_REJOIN_TIMEOUT_MS); exiting so that the \
-                 process is restarted"
-            );
-            self.out_of_group.cancel();
         }
     }
 }
