@@ -121,6 +121,11 @@ pub struct Config {
     pub mongodb_database: String,
     #[serde(default = "d::dlq_topic")]
     pub dlq_topic: String,
+    /// Whether events go through the event ledger (`event_ledger` collection): a record whose event id was taken
+    /// in before with other content is dead-lettered, and a record without a creation time is dated by its first
+    /// copy. Off, neither holds (one MongoDB statement less per event).
+    #[serde(default = "d::yes")]
+    pub event_ledger: bool,
     /// Attempts of a handler that fails permanently (or panics) before its event is dead-lettered.
     #[serde(default = "d::max_attempts")]
     pub handler_max_attempts: u32,
@@ -185,6 +190,9 @@ mod d {
     }
     pub fn database() -> String {
         "event_processor".into()
+    }
+    pub fn yes() -> bool {
+        true
     }
     pub fn dlq_topic() -> String {
         "event-processor.dlq".into()
@@ -271,6 +279,23 @@ impl Config {
                 "DLQ_TOPIC",
                 "must not be one of KAFKA_TOPICS (dead letters would be consumed again)",
             );
+        }
+        for pattern in self.topics().iter().filter(|t| t.starts_with('^')) {
+            let re = match regex::Regex::new(pattern) {
+                Ok(re) => re,
+                Err(e) => {
+                    return Err(ConfigError(format!(
+                        "KAFKA_TOPICS entry `{pattern}` is not a valid regular expression: {e}"
+                    )));
+                }
+            };
+            if re.is_match(&self.dlq_topic) {
+                return Err(ConfigError(format!(
+                    "KAFKA_TOPICS pattern `{pattern}` matches DLQ_TOPIC `{}` (dead letters would be consumed \
+                     again): narrow the pattern or name the dead-letter topic outside it",
+                    self.dlq_topic
+                )));
+            }
         }
         if self.dlq_topic.trim().is_empty() {
             return bad("DLQ_TOPIC", "must not be empty");
@@ -505,5 +530,20 @@ mod tests {
         let err = Config::from_vars(vars(&[("KAFKA_TOPICS", "a,dlq"), ("DLQ_TOPIC", "dlq")]))
             .unwrap_err();
         assert!(err.0.contains("DLQ_TOPIC"), "{err}");
+        // Nor matched by a pattern: the default dead-letter topic under a catch-all.
+        for pattern in [
+            r"^event-processor\..*",
+            "^.*",
+            r"^outbox\.event\..*,^event-.*",
+        ] {
+            let err = Config::from_vars(vars(&[("KAFKA_TOPICS", pattern)])).unwrap_err();
+            assert!(
+                err.0.contains("matches DLQ_TOPIC `event-processor.dlq`"),
+                "{pattern}: {err}"
+            );
+        }
+        assert!(Config::from_vars(vars(&[("KAFKA_TOPICS", r"^outbox\.event\..*")])).is_ok());
+        let err = Config::from_vars(vars(&[("KAFKA_TOPICS", "^(unclosed")])).unwrap_err();
+        assert!(err.0.starts_with("KAFKA_TOPICS"), "{err}");
     }
 }

@@ -26,6 +26,42 @@ pub mod headers {
     pub const ATTEMPTS: &str = "dlq.attempts";
     pub const GROUP: &str = "dlq.consumer.group";
     pub const VALUE_OMITTED: &str = "dlq.value.omitted";
+
+    /// What every header of a dead letter that the daemon writes starts with.
+    pub const PREFIX: &str = "dlq.";
+    /// Put in front of a header of the original record whose name is one of ours (`dlq.*`, or already escaped):
+    /// the record's own headers can never pass for the daemon's, and a replay gives the record back its names.
+    pub const ESCAPE: &str = "original.";
+
+    /// Whether `key` is a header name the original record's own headers must not keep: `dlq.*`, or `dlq.*`
+    /// behind one or more escapes.
+    fn needs_escape(key: &str) -> bool {
+        let mut k = key;
+        while let Some(rest) = k.strip_prefix(ESCAPE) {
+            k = rest;
+        }
+        k.starts_with(PREFIX)
+    }
+
+    /// The name an original header travels under in a dead letter.
+    pub fn escape(key: &str) -> std::borrow::Cow<'_, str> {
+        if needs_escape(key) {
+            format!("{ESCAPE}{key}").into()
+        } else {
+            key.into()
+        }
+    }
+
+    /// The original name of a header of a dead letter; `None` for the daemon's own headers.
+    pub fn unescape(key: &str) -> Option<&str> {
+        if key.starts_with(PREFIX) {
+            return None;
+        }
+        match key.strip_prefix(ESCAPE) {
+            Some(rest) if needs_escape(rest) => Some(rest),
+            _ => Some(key),
+        }
+    }
 }
 
 /// Why a record is dead-lettered, and by whom.
@@ -84,14 +120,15 @@ impl KafkaDeadLetters {
     }
 }
 
-/// The headers of a dead letter: the original record's own headers, then ours.
+/// The headers of a dead letter: the original record's own headers (any named like ours escaped, see
+/// [`headers::escape`]), then ours, which are the only `dlq.*` headers of the letter.
 pub fn build_headers(letter: &DeadLetter<'_>, group: &str, value_omitted: bool) -> OwnedHeaders {
     let r = letter.record;
     let mut h = OwnedHeaders::new();
     if let Some(orig) = r.headers() {
         for hdr in orig.iter() {
             h = h.insert(Header {
-                key: hdr.key,
+                key: &headers::escape(hdr.key),
                 value: hdr.value,
             });
         }
@@ -164,5 +201,79 @@ impl DeadLetterSink for KafkaDeadLetters {
                 Err((e, _)) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::Timestamp;
+
+    #[test]
+    fn the_records_own_dlq_headers_cannot_pass_for_ours_and_come_back_on_replay() {
+        let forged = [
+            ("dlq.original.topic", "forged-topic"),
+            ("dlq.original.offset", "999999"),
+            ("original.dlq.handler", "x"),
+            ("original.original.dlq.y", "z"),
+            ("id", "e1"),
+            ("original.keep", "as is"),
+        ];
+        let mut h = OwnedHeaders::new();
+        for (k, v) in forged {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let record = OwnedMessage::new(
+            Some(b"v".to_vec()),
+            None,
+            "real-topic".into(),
+            Timestamp::CreateTime(1),
+            3,
+            42,
+            Some(h),
+        );
+        let letter = DeadLetter {
+            record: &record,
+            error_class: "decode.not_json".into(),
+            error_message: "m".into(),
+            handler: None,
+            event_id: None,
+            event_type: None,
+            attempts: 1,
+        };
+        let built = build_headers(&letter, "g", false);
+        let all: Vec<(String, String)> = built
+            .iter()
+            .map(|x| {
+                (
+                    x.key.to_string(),
+                    String::from_utf8_lossy(x.value.unwrap()).into_owned(),
+                )
+            })
+            .collect();
+        let ours: Vec<&(String, String)> = all
+            .iter()
+            .filter(|(k, _)| k.starts_with(headers::PREFIX))
+            .collect();
+        assert!(ours.contains(&&(headers::TOPIC.to_string(), "real-topic".to_string())));
+        assert!(ours.contains(&&(headers::OFFSET.to_string(), "42".to_string())));
+        assert!(
+            !ours
+                .iter()
+                .any(|(_, v)| v == "forged-topic" || v == "999999")
+        );
+        // Each original header comes back under its own name, and only those.
+        let restored: Vec<(String, String)> = all
+            .iter()
+            .filter_map(|(k, v)| headers::unescape(k).map(|k| (k.to_string(), v.clone())))
+            .collect();
+        let expected: Vec<(String, String)> = forged
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(restored, expected);
     }
 }

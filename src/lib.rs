@@ -36,6 +36,7 @@ pub mod handlers;
 pub mod health;
 pub mod http;
 pub mod kafka;
+pub mod ledger;
 pub mod pipeline;
 pub mod registry;
 pub mod replay;

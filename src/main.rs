@@ -76,10 +76,15 @@ async fn replay(handler: Option<String>) -> ExitCode {
     match event_processor::replay::replay_dead_letters(config, registry, handler, token).await {
         Ok(stats) => {
             println!(
-                "replayed {}, failed again {}, other handlers {}",
-                stats.replayed, stats.failed_again, stats.other_handlers
+                "replayed {}, failed again {}, other handlers {}, not replayable {}",
+                stats.replayed, stats.failed_again, stats.other_handlers, stats.not_replayable
             );
-            ExitCode::SUCCESS
+            if stats.not_replayable > 0 {
+                // Not a success: letters stay unconsumed, and the logs name each one.
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "replay failed");

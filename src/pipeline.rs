@@ -17,6 +17,7 @@ use tracing::{Instrument, Span, debug, debug_span, error, info_span, warn};
 use crate::decode::{Decoded, decode};
 use crate::dlq::{DeadLetter, DeadLetterSink};
 use crate::event::OutboxEvent;
+use crate::ledger::Refusal;
 use crate::registry::{EventHandler, HandlerContext, HandlerError, Registry};
 use handles::HandlerMetrics;
 pub use handles::RecordMetrics;
@@ -29,6 +30,10 @@ pub struct ProcessingSettings {
     pub handler_timeout: Duration,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// Whether events go through the event ledger (conflicting duplicates refused, undated events dated once).
+    pub ledger: bool,
+    /// The dead-letter topic: its records are never processed, even where a subscription pattern matches it.
+    pub dead_letter_topic: String,
 }
 
 impl ProcessingSettings {
@@ -39,6 +44,8 @@ impl ProcessingSettings {
             handler_timeout: c.handler_timeout(),
             initial_backoff: Duration::from_millis(c.retry_initial_backoff_ms),
             max_backoff: Duration::from_millis(c.retry_max_backoff_ms),
+            ledger: c.event_ledger,
+            dead_letter_topic: c.dlq_topic.clone(),
         }
     }
 }
@@ -100,9 +107,22 @@ impl Processor {
         let offset = msg.offset();
         let topic_metrics = self.metrics.topic(topic);
         topic_metrics.consumed.increment(1);
+        if topic == self.settings.dead_letter_topic {
+            // A subscription pattern matched the dead-letter topic (a topic created after start-up can): its
+            // letters are never processed here, or one bad record would feed on its own dead letters.
+            warn!(
+                topic,
+                partition,
+                offset,
+                "Record of the dead-letter topic skipped; the subscription matches it"
+            );
+            count_skip(topic, "dead_letter_topic");
+            return RecordOutcome::Skipped;
+        }
         match decode(msg) {
             Err(e) => {
-                warn!(topic, partition, offset, error = %e, error_class = e.class(), "Undecodable record; dead-lettering it");
+                let (event_id, event_type) = crate::decode::identity(msg);
+                warn!(topic, partition, offset, event_id, event_type, error = %e, error_class = e.class(), "Undecodable record; dead-lettering it");
                 metrics::counter!("event_processor_records_total", "topic" => topic.to_string(), "outcome" => "undecodable")
                     .increment(1);
                 let letter = DeadLetter {
@@ -110,8 +130,8 @@ impl Processor {
                     error_class: format!("decode.{}", e.class()),
                     error_message: e.to_string(),
                     handler: None,
-                    event_id: None,
-                    event_type: None,
+                    event_id: event_id.as_deref(),
+                    event_type: event_type.as_deref(),
                     attempts: 1,
                 };
                 if self.dead_letter(&letter).await {
@@ -128,21 +148,111 @@ impl Processor {
                     reason = reason.as_str(),
                     "Record skipped"
                 );
-                metrics::counter!("event_processor_records_skipped_total", "topic" => topic.to_string(), "reason" => reason.as_str())
-                    .increment(1);
+                count_skip(topic, reason.as_str());
                 RecordOutcome::Skipped
             }
-            Ok(Decoded::Event(event)) => {
-                // At debug level every event has its span; otherwise a span is made only for a handler that
-                // fails (see `run_handler`): making one per event, with its fields formatted, cost a third of a
-                // record's processing at the default level.
+            Ok(Decoded::Event(mut event)) => {
+                // At debug level every event has its span; otherwise a span is made only for a record that fails
+                // (see `record_span`), which keeps formatting its fields off the path of every record.
                 let span = debug_span!("event", topic, partition, offset, event_id = %event.event_id, event_type = %event.event_type);
-                let outcome = self.dispatch(msg, &event).instrument(span).await;
+                let outcome = async {
+                    if self.registry.handlers_for(&event.event_type).is_empty() {
+                        debug!("No handler for this event type; skipped");
+                        count_skip(topic, "unknown_event_type");
+                        return RecordOutcome::Skipped;
+                    }
+                    if let Err(outcome) = self.admit(msg, &mut event).await {
+                        return outcome;
+                    }
+                    self.dispatch(msg, &event).await
+                }
+                .instrument(span)
+                .await;
                 if matches!(outcome, RecordOutcome::Processed { .. }) {
                     topic_metrics.processed.increment(1);
                 }
                 outcome
             }
+        }
+    }
+
+    /// What an event must pass before any handler runs: its type's payload contract (decided once for all its
+    /// handlers), then the event ledger (a conflicting duplicate is refused; an undated event gets the time of its
+    /// first copy). `Err`: the record's outcome without its handlers: dead-lettered, or abandoned on shutdown.
+    async fn admit(
+        &self,
+        msg: &OwnedMessage,
+        event: &mut OutboxEvent,
+    ) -> Result<(), RecordOutcome> {
+        if let Err(why) = self.registry.validate(event) {
+            record_span(event).in_scope(|| warn!(error = %why, "Payload invalid for its event type; dead-lettering the event, no handler runs"));
+            return Err(self.refuse(msg, event, "invalid_payload", why, 1).await);
+        }
+        if !self.settings.ledger {
+            return Ok(());
+        }
+        let (mut attempt, mut failures) = (0u32, 0u32);
+        loop {
+            attempt += 1;
+            let err = match crate::ledger::admit(&self.ctx, event).await {
+                Ok(()) => return Ok(()),
+                Err(Refusal::Conflict { first, now }) => {
+                    let why = format!(
+                        "event id {} was taken in before with other content (fingerprint {first}, now {now}); the \
+                         first version stands",
+                        event.event_id
+                    );
+                    record_span(event).in_scope(|| warn!(error = %why, "Conflicting duplicate; dead-lettering it, no handler runs"));
+                    return Err(self
+                        .refuse(msg, event, "conflicting_duplicate", why, attempt)
+                        .await);
+                }
+                Err(Refusal::Failed(e)) => e,
+            };
+            metrics::counter!("event_processor_ledger_failures_total", "class" => if err.is_transient() { "transient" } else { "permanent" })
+                .increment(1);
+            if !err.is_transient() {
+                failures += 1;
+                if failures >= self.settings.max_attempts {
+                    let why = format!("{err:#}");
+                    record_span(event).in_scope(|| error!(error = %why, attempts = attempt, "Event ledger refused the event; dead-lettering it"));
+                    return Err(self
+                        .refuse(msg, event, "ledger.permanent", why, attempt)
+                        .await);
+                }
+            }
+            record_span(event)
+                .in_scope(|| warn!(error = %err, attempt, "Event ledger unavailable; retrying"));
+            if !self.sleep(backoff(&self.settings, attempt)).await {
+                return Err(RecordOutcome::Abandoned);
+            }
+        }
+    }
+
+    /// Dead-letters an event that no handler may run (`class` says why), naming it; its outcome.
+    async fn refuse(
+        &self,
+        msg: &OwnedMessage,
+        event: &OutboxEvent,
+        class: &str,
+        why: String,
+        attempts: u32,
+    ) -> RecordOutcome {
+        metrics::counter!("event_processor_records_total", "topic" => event.source.topic.clone(), "outcome" => class.to_string())
+            .increment(1);
+        let letter = DeadLetter {
+            record: msg,
+            error_class: class.to_string(),
+            error_message: why,
+            handler: None,
+            event_id: Some(&event.event_id),
+            event_type: Some(&event.event_type),
+            attempts,
+        };
+        if self.dead_letter(&letter).await {
+            RecordOutcome::DeadLettered
+        } else {
+            RecordOutcome::Abandoned
         }
     }
 
@@ -163,12 +273,7 @@ impl Processor {
         // which is the system's unless a test paused it: timeouts are measured on it.
         let started = Instant::now();
         match (handlers, handles) {
-            ([], _) => {
-                debug!("No handler for this event type; skipped");
-                metrics::counter!("event_processor_records_skipped_total", "topic" => event.source.topic.clone(), "reason" => "unknown_event_type")
-                    .increment(1);
-                RecordOutcome::Skipped
-            }
+            ([], _) => RecordOutcome::Skipped,
             // Most event types have one handler: no joined set of futures to build.
             ([h], [m]) => {
                 let outcome = self.run_handler(h.as_ref(), m, started, msg, event).await;
@@ -187,13 +292,17 @@ impl Processor {
     }
 
     /// Re-runs a dead letter's original record: only `handler` when the letter names one that is registered
-    /// (its siblings already succeeded), else the whole record. A failure is dead-lettered again.
+    /// (its siblings already succeeded), else the whole record. The event passes its contract and the ledger
+    /// again first. A failure is dead-lettered again.
     pub async fn replay(&self, original: &OwnedMessage, handler: Option<&str>) -> RecordOutcome {
         let Some(h) = handler.and_then(|name| self.registry.by_name(name)) else {
             return self.process_record(original).await;
         };
         match decode(original) {
-            Ok(Decoded::Event(event)) => {
+            Ok(Decoded::Event(mut event)) => {
+                if let Err(outcome) = self.admit(original, &mut event).await {
+                    return outcome;
+                }
                 let m = self.metrics.handler(h.name(), &event.event_type);
                 let now = Instant::now();
                 let outcome = self
@@ -328,6 +437,11 @@ fn record_span(event: &OutboxEvent) -> Span {
     }
     let s = &event.source;
     info_span!("event", topic = %s.topic, partition = s.partition, offset = s.offset, event_id = %event.event_id, event_type = %event.event_type)
+}
+
+fn count_skip(topic: &str, reason: &'static str) {
+    metrics::counter!("event_processor_records_skipped_total", "topic" => topic.to_string(), "reason" => reason)
+        .increment(1);
 }
 
 /// A record's outcome from its handlers': abandoned if any was, else processed, counting dead letters.

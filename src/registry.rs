@@ -64,6 +64,123 @@ pub trait EventHandler: Send + Sync {
     async fn handle(&self, event: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError>;
 }
 
+/// What every handler of an event type may rely on in the payload, checked once per event before any handler
+/// runs. An event that breaks its type's contract is dead-lettered as a whole (`invalid_payload`): its handlers
+/// never disagree about whether it happened (one counting a sign-up whose user document was refused).
+#[derive(Clone, Debug, Default)]
+pub struct PayloadContract {
+    object: bool,
+    required_strings: Vec<String>,
+}
+
+impl PayloadContract {
+    /// The payload must be a JSON object.
+    pub fn object() -> Self {
+        PayloadContract {
+            object: true,
+            required_strings: Vec::new(),
+        }
+    }
+
+    /// The payload must be an object with a non-blank string `field`.
+    pub fn require_str(mut self, field: &str) -> Self {
+        self.object = true;
+        self.required_strings.push(field.to_string());
+        self
+    }
+
+    fn check(&self, event: &OutboxEvent) -> Result<(), String> {
+        if !self.object {
+            return Ok(());
+        }
+        let Some(payload) = event.payload.as_object() else {
+            return Err(format!(
+                "{} payload must be a JSON object, not {}",
+                event.event_type,
+                kind_of(&event.payload)
+            ));
+        };
+        for field in &self.required_strings {
+            match payload.get(field).and_then(serde_json::Value::as_str) {
+                Some(s) if !s.trim().is_empty() => {}
+                _ => {
+                    return Err(format!(
+                        "{} payload needs a non-empty string `{field}`",
+                        event.event_type
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn kind_of(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// How deep a payload may nest. MongoDB refuses documents nested deeper than 100 levels, and a read model keeps
+/// the payload a few levels down (inside the update statement and its operators).
+pub const MAX_PAYLOAD_DEPTH: usize = 64;
+
+/// How large a payload may be, roughly as BSON: a read-model document holds it beside its own fields, and no
+/// MongoDB document may pass 16 MiB.
+pub const MAX_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
+
+/// Whether a payload can be stored at all, whatever its type: integers within MongoDB's 64-bit signed range, a
+/// bounded depth and size. Checked for every event with handlers, before any of them runs.
+pub fn check_storable(payload: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    // (value, depth) pairs still to visit; iterative so that no payload can exhaust the stack.
+    let mut todo: Vec<(&Value, usize)> = vec![(payload, 1)];
+    let mut bytes = 0usize;
+    while let Some((v, depth)) = todo.pop() {
+        if depth > MAX_PAYLOAD_DEPTH {
+            return Err(format!(
+                "payload nests deeper than {MAX_PAYLOAD_DEPTH} levels"
+            ));
+        }
+        match v {
+            Value::Number(n) => {
+                if n.is_u64() && n.as_i64().is_none() {
+                    return Err(format!(
+                        "payload number {n} is beyond MongoDB's 64-bit signed integers"
+                    ));
+                }
+                bytes += 9;
+            }
+            Value::String(s) => bytes += s.len() + 6,
+            Value::Array(items) => {
+                bytes += 5 + items.len() * 4;
+                todo.extend(items.iter().map(|i| (i, depth + 1)));
+            }
+            Value::Object(map) => {
+                bytes += 5;
+                for (k, item) in map {
+                    bytes += k.len() + 2;
+                    todo.push((item, depth + 1));
+                }
+            }
+            Value::Null | Value::Bool(_) => bytes += 2,
+        }
+        if bytes > MAX_PAYLOAD_BYTES {
+            return Err(format!(
+                "payload is larger than {} MiB",
+                MAX_PAYLOAD_BYTES / (1024 * 1024)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Registration mistakes, reported at start-up.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
@@ -75,6 +192,7 @@ pub enum RegistryError {
 #[derive(Default, Clone)]
 pub struct Registry {
     by_type: HashMap<String, Vec<Arc<dyn EventHandler>>>,
+    contracts: HashMap<String, Vec<PayloadContract>>,
 }
 
 impl Registry {
@@ -91,6 +209,25 @@ impl Registry {
             .entry(handler.event_type().to_string())
             .or_default()
             .push(handler);
+        Ok(())
+    }
+
+    /// Adds a payload contract to an event type: every handler of the type may rely on it, and an event that
+    /// breaks it reaches none of them. Several contracts of one type must all hold.
+    pub fn require(&mut self, event_type: &str, contract: PayloadContract) {
+        self.contracts
+            .entry(event_type.to_string())
+            .or_default()
+            .push(contract);
+    }
+
+    /// Whether the event is valid for its type: a storable payload and every contract of the type. The reason
+    /// when not.
+    pub fn validate(&self, event: &OutboxEvent) -> Result<(), String> {
+        check_storable(&event.payload)?;
+        for c in self.contracts.get(&event.event_type).into_iter().flatten() {
+            c.check(event)?;
+        }
         Ok(())
     }
 
@@ -151,6 +288,68 @@ mod tests {
         assert_eq!(names, ["users", "stats"]);
         assert_eq!(r.handlers_for("ActivityCreated").len(), 1);
         assert!(r.handlers_for("Unknown").is_empty());
+    }
+
+    fn event(payload: serde_json::Value) -> OutboxEvent {
+        OutboxEvent {
+            event_id: "e".into(),
+            aggregate_id: "a".into(),
+            aggregate_type: None,
+            event_type: "UserCreated".into(),
+            payload,
+            created_at_ms: None,
+            source: crate::event::KafkaCoordinates {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+                timestamp_ms: None,
+            },
+        }
+    }
+
+    #[test]
+    fn a_contract_is_decided_once_for_the_event_type() {
+        use serde_json::json;
+        let mut r = Registry::new();
+        r.require(
+            "UserCreated",
+            PayloadContract::object().require_str("email"),
+        );
+        assert!(
+            r.validate(&event(json!({"email": "a@b.c", "x": 1})))
+                .is_ok()
+        );
+        for bad in [
+            json!({"email": 7}),
+            json!({"email": "  "}),
+            json!([{"email": "a@b.c"}]),
+            json!(null),
+            json!("{\"email\": \"a@b.c\"}"),
+            json!({"email": "a@b.c", "n": u64::MAX}),
+        ] {
+            assert!(r.validate(&event(bad.clone())).is_err(), "{bad}");
+        }
+        // Without a contract only storability counts.
+        let mut other = event(json!(null));
+        other.event_type = "Other".into();
+        assert!(r.validate(&other).is_ok());
+    }
+
+    #[test]
+    fn unstorable_payloads_are_refused() {
+        let mut deep = serde_json::Value::Null;
+        for _ in 0..1_000 {
+            deep = serde_json::Value::Array(vec![deep]);
+        }
+        assert!(check_storable(&deep).unwrap_err().contains("deeper"));
+        let big = serde_json::Value::String("x".repeat(MAX_PAYLOAD_BYTES + 1));
+        assert!(check_storable(&big).unwrap_err().contains("larger"));
+        assert!(check_storable(&serde_json::json!({"a": [1, -2, 1.5, "s"]})).is_ok());
+        let mut nested = serde_json::Value::Null;
+        for _ in 0..MAX_PAYLOAD_DEPTH - 1 {
+            nested = serde_json::json!({ "k": nested });
+        }
+        assert!(check_storable(&nested).is_ok());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::dlq::{KafkaDeadLetters, headers};
@@ -31,18 +31,32 @@ pub struct ReplayStats {
     pub failed_again: usize,
     /// Letters of other handlers, left for their own replay.
     pub other_handlers: usize,
+    /// Letters whose record cannot be rebuilt: the value was too large for the dead-letter topic and the
+    /// original topic no longer holds it (or cannot be read now). Their partition's progress is not committed
+    /// past them, so every later replay reports them again.
+    pub not_replayable: usize,
 }
 
-/// The original record a dead letter carries.
+/// One of the daemon's headers of a dead letter. The last of the name: ours follow the record's own.
+fn letter_header(letter: &OwnedMessage, name: &str) -> Option<String> {
+    letter
+        .headers()?
+        .iter()
+        .filter(|x| x.key == name)
+        .last()
+        .and_then(|x| x.value)
+        .and_then(|v| std::str::from_utf8(v).ok().map(str::to_string))
+}
+
+/// Whether the letter was written without the record's value (too large for the dead-letter topic).
+pub fn value_omitted(letter: &OwnedMessage) -> bool {
+    letter_header(letter, headers::VALUE_OMITTED).is_some()
+}
+
+/// The original record a dead letter carries: its coordinates, key, value and headers (under their own names
+/// again). A letter written without the value gives a record without one: see [`value_omitted`].
 pub fn original_record(letter: &OwnedMessage) -> Option<OwnedMessage> {
-    let h = |name: &str| {
-        letter
-            .headers()?
-            .iter()
-            .find(|x| x.key == name)
-            .and_then(|x| x.value)
-            .and_then(|v| std::str::from_utf8(v).ok().map(str::to_string))
-    };
+    let h = |name: &str| letter_header(letter, name);
     let topic = h(headers::TOPIC)?;
     let partition = h(headers::PARTITION)?.parse().ok()?;
     let offset = h(headers::OFFSET)?.parse().ok()?;
@@ -51,11 +65,13 @@ pub fn original_record(letter: &OwnedMessage) -> Option<OwnedMessage> {
         .map_or(Timestamp::NotAvailable, Timestamp::CreateTime);
     let mut original_headers = OwnedHeaders::new();
     if let Some(hs) = letter.headers() {
-        for x in hs.iter().filter(|x| !x.key.starts_with("dlq.")) {
-            original_headers = original_headers.insert(Header {
-                key: x.key,
-                value: x.value,
-            });
+        for x in hs.iter() {
+            if let Some(key) = headers::unescape(x.key) {
+                original_headers = original_headers.insert(Header {
+                    key,
+                    value: x.value,
+                });
+            }
         }
     }
     Some(OwnedMessage::new(
@@ -91,12 +107,7 @@ pub async fn replay_dead_letters(
         config.kafka_group_id,
         handler.as_deref().unwrap_or("all")
     );
-    let mut cc = ClientConfig::new();
-    for (k, v) in &config.kafka_properties {
-        cc.set(k, v);
-    }
-    let consumer: BaseConsumer = cc
-        .set("bootstrap.servers", &config.kafka_bootstrap_servers)
+    let consumer: BaseConsumer = client_config(&config)
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
@@ -136,6 +147,8 @@ pub async fn replay_dead_letters(
     })
     .await??;
     let mut stats = ReplayStats::default();
+    // Partitions with a letter that could not be replayed: their progress stays before it.
+    let mut held: Vec<i32> = Vec::new();
     let consumer = Arc::new(consumer);
     loop {
         if shutdown.is_cancelled() || ends.iter().all(|(_, next, high)| next >= high) {
@@ -163,17 +176,28 @@ pub async fn replay_dead_letters(
             continue; // written after the replay started
         }
         entry.1 = o + 1;
-        let named = letter
-            .headers()
-            .and_then(|h| {
-                h.iter()
-                    .find(|x| x.key == headers::HANDLER)
-                    .and_then(|x| x.value)
-            })
-            .and_then(|v| std::str::from_utf8(v).ok().map(str::to_string));
+        let named = letter_header(&letter, headers::HANDLER);
+        let original = match original_record(&letter) {
+            Some(rec) if value_omitted(&letter) && (handler.is_none() || named == handler) => {
+                match fetch_original(&config, &rec).await {
+                    Ok(full) => Some(full),
+                    Err(why) => {
+                        error!(partition = p, offset = o, original_topic = rec.topic(), original_partition = rec.partition(),
+                            original_offset = rec.offset(), error = %why,
+                            "Dead letter not replayable: its value was left out and the original record cannot be read; it stays unconsumed");
+                        stats.not_replayable += 1;
+                        if !held.contains(&p) {
+                            held.push(p);
+                        }
+                        continue;
+                    }
+                }
+            }
+            other => other,
+        };
         if handler.is_some() && named != handler {
             stats.other_handlers += 1;
-        } else if let Some(original) = original_record(&letter) {
+        } else if let Some(original) = original {
             match processor.replay(&original, named.as_deref()).await {
                 RecordOutcome::Abandoned => break,
                 RecordOutcome::Processed { dead_lettered: 0 } | RecordOutcome::Skipped => {
@@ -189,6 +213,9 @@ pub async fn replay_dead_letters(
             );
             stats.other_handlers += 1;
         }
+        if held.contains(&p) {
+            continue;
+        }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&config.dlq_topic, p, Offset::Offset(o + 1))?;
         let c = consumer.clone();
@@ -196,4 +223,50 @@ pub async fn replay_dead_letters(
     }
     info!(?stats, group, "Dead-letter replay finished");
     Ok(stats)
+}
+
+/// librdkafka settings of the replay's clients: the pass-through properties and the brokers.
+fn client_config(config: &Config) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    for (k, v) in &config.kafka_properties {
+        cc.set(k, v);
+    }
+    cc.set("bootstrap.servers", &config.kafka_bootstrap_servers);
+    cc
+}
+
+/// Reads a dead letter's original record back from its topic, partition and offset: the letter was written
+/// without the value. An error saying why when the topic no longer holds it or cannot be read.
+async fn fetch_original(config: &Config, at: &OwnedMessage) -> Result<OwnedMessage, String> {
+    let (topic, partition, offset) = (at.topic().to_string(), at.partition(), at.offset());
+    let consumer: BaseConsumer = client_config(config)
+        .set("enable.auto.commit", "false")
+        .set("group.id", format!("{}.dlq-fetch", config.kafka_group_id))
+        .create()
+        .map_err(|e| format!("creating a consumer: {e}"))?;
+    tokio::task::spawn_blocking(move || {
+        let (low, high) = consumer
+            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+            .map_err(|e| format!("reading {topic}/{partition}'s offsets: {e}"))?;
+        if offset < low || offset >= high {
+            return Err(format!(
+                "{topic}/{partition} holds offsets {low}..{high} now; offset {offset} is gone (retention)"
+            ));
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))
+            .map_err(|e| e.to_string())?;
+        consumer.assign(&tpl).map_err(|e| e.to_string())?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) if m.offset() == offset => return Ok(m.detach()),
+                Some(Ok(_)) | None => {}
+                Some(Err(e)) => return Err(format!("reading {topic}/{partition}@{offset}: {e}")),
+            }
+        }
+        Err(format!("{topic}/{partition}@{offset} did not arrive within 30 s"))
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use mongodb::Database;
-use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
+use mongodb::bson::{Bson, Document, RawArrayBuf, RawDocumentBuf, doc};
 use tokio::sync::{mpsc, oneshot};
 
 /// Statements per command at most.
@@ -42,7 +42,8 @@ pub struct StatementResult {
 
 struct Op {
     collection: String,
-    statement: Document,
+    /// Serialized once, when queued: its size bounds the command, and a command is built from these bytes.
+    statement: RawDocumentBuf,
     bytes: usize,
     reply: oneshot::Sender<Result<StatementResult, WriteError>>,
 }
@@ -86,9 +87,13 @@ impl Writer {
         upsert: bool,
     ) -> Result<StatementResult, WriteError> {
         let statement = doc! { "q": filter, "u": update, "upsert": upsert, "multi": false };
-        let bytes = RawDocumentBuf::from_document(&statement)
-            .map(|r| r.as_bytes().len())
-            .unwrap_or(0);
+        let statement = RawDocumentBuf::from_document(&statement).map_err(|e| {
+            WriteError::Statement {
+                code: 2, // BadValue: the statement cannot be written as BSON
+                message: format!("statement cannot be serialized: {e}"),
+            }
+        })?;
+        let bytes = statement.as_bytes().len();
         let (reply, rx) = oneshot::channel();
         let op = Op {
             collection: collection.to_string(),
@@ -145,26 +150,44 @@ async fn flusher(db: Database, mut rx: mpsc::UnboundedReceiver<Op>) {
     }
 }
 
-async fn send(db: &Database, collection: String, ops: Vec<Op>) {
+/// Sends `ops` as one unordered `update` command and answers each statement. When the server refuses the command
+/// as a whole for a reason retrying cannot cure (a statement it cannot read, say), the fault is one statement's,
+/// not everyone's: the command is split in halves and each half sent again, down to the statement that causes
+/// it, which alone gets the error. Statements are idempotent (guarded upserts), so sending one again is safe. A
+/// transient failure (network, not primary) is everyone's and answers all.
+async fn send(db: &Database, collection: String, mut ops: Vec<Op>) {
     let started = Instant::now();
     let n = ops.len();
-    let (statements, replies): (Vec<Document>, Vec<_>) =
-        ops.into_iter().map(|o| (o.statement, o.reply)).unzip();
-    let result = db
-        .run_command(doc! { "update": &collection, "updates": statements, "ordered": false })
-        .await;
+    let mut updates = RawArrayBuf::new();
+    for o in &ops {
+        updates.push(o.statement.clone());
+    }
+    let mut command = RawDocumentBuf::new();
+    command.append("update", collection.as_str());
+    command.append("updates", updates);
+    command.append("ordered", false);
+    let result = db.run_raw_command(command).await;
     metrics::histogram!("event_processor_mongodb_write_duration_seconds", "collection" => collection.clone())
         .record(started.elapsed().as_secs_f64());
     metrics::histogram!("event_processor_mongodb_write_statements").record(n as f64);
     let reply = match result {
         Ok(r) => r,
+        Err(e) if n > 1 && !crate::store::is_transient(&e) => {
+            metrics::counter!("event_processor_mongodb_command_splits_total", "collection" => collection.clone())
+                .increment(1);
+            let right = ops.split_off(n / 2);
+            Box::pin(send(db, collection.clone(), ops)).await;
+            Box::pin(send(db, collection, right)).await;
+            return;
+        }
         Err(e) => {
-            for r in replies {
-                let _ = r.send(Err(WriteError::Command(e.clone())));
+            for o in ops {
+                let _ = o.reply.send(Err(WriteError::Command(e.clone())));
             }
             return;
         }
     };
+    let replies = ops.into_iter().map(|o| o.reply);
     let mut errors: HashMap<usize, WriteError> = HashMap::new();
     if let Ok(list) = reply.get_array("writeErrors") {
         for we in list.iter().filter_map(Bson::as_document) {
@@ -191,7 +214,7 @@ async fn send(db: &Database, collection: String, ops: Vec<Op>) {
             }
         }
     }
-    for (i, r) in replies.into_iter().enumerate() {
+    for (i, r) in replies.enumerate() {
         let result = match (errors.remove(&i), &concern) {
             (Some(e), _) => Err(e),
             (None, Some(c)) => Err(c.clone()),

@@ -121,11 +121,11 @@ pub fn decode<M: Message>(msg: &M) -> Result<Decoded, DecodeError> {
     let coords = coordinates(msg);
     let value: Value =
         serde_json::from_str(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-    let value = unwrap_schema(value);
+    let (value, schema) = unwrap_schema(value);
 
     if let Value::Object(obj) = &value {
         if obj.contains_key("op") {
-            return decode_change_event(obj, coords);
+            return decode_change_event(obj, schema.as_ref(), coords);
         }
         if is_heartbeat(obj) {
             return Ok(Decoded::Skip(SkipReason::Heartbeat));
@@ -134,7 +134,7 @@ pub fn decode<M: Message>(msg: &M) -> Result<Decoded, DecodeError> {
             return Ok(Decoded::Skip(SkipReason::TransactionMetadata));
         }
     }
-    decode_router_record(msg, value, coords)
+    decode_router_record(msg, value, schema.as_ref(), coords)
 }
 
 /// The shape nearly every record has, a raw change event without the schema wrapper, read into borrowed fields
@@ -165,15 +165,7 @@ fn decode_fast<M: Message>(text: &str, msg: &M) -> Option<Decoded> {
         created_at: Option<Cow<'a, str>>,
     }
     let change: Change<'_> = serde_json::from_str(text).ok()?;
-    let skip = match change.op.as_ref() {
-        "c" | "r" => None,
-        "u" => Some(SkipReason::Update),
-        "d" => Some(SkipReason::Delete),
-        "t" => Some(SkipReason::Truncate),
-        "m" => Some(SkipReason::LogicalMessage),
-        _ => return None,
-    };
-    if let Some(reason) = skip {
+    if let Some(reason) = op_skip(&change.op).ok()? {
         return Some(Decoded::Skip(reason));
     }
     let row = change.after?;
@@ -181,10 +173,10 @@ fn decode_fast<M: Message>(text: &str, msg: &M) -> Option<Decoded> {
         return None;
     }
     validate_uuid("event_id", &row.event_id).ok()?;
-    let payload = row.payload?.0;
+    let payload = row.payload.map_or(Value::Null, |p| p.0);
     let created_at_ms = match row.created_at {
         None => None,
-        Some(t) => Some(parse_timestamp_str(&t)?),
+        Some(t) => Some(timestamp_from_str(&t, None).ok()?),
     };
     Some(Decoded::Event(Box::new(OutboxEvent {
         event_id: row.event_id.into_owned(),
@@ -297,11 +289,9 @@ fn struct_text(text: &str) -> Result<Option<SkipReason>, DecodeError> {
         .split([',', '{'])
         .find_map(|part| part.strip_prefix("op="))
         .unwrap_or("");
-    match op {
-        "m" => Ok(Some(SkipReason::LogicalMessage)),
-        "u" => Ok(Some(SkipReason::Update)),
-        "d" => Ok(Some(SkipReason::Delete)),
-        "t" => Ok(Some(SkipReason::Truncate)),
+    match op_skip(op) {
+        Ok(Some(reason)) => Ok(Some(reason)),
+        // An insert (or an unknown operation) in this form cannot be read faithfully.
         _ => Err(DecodeError::UnknownShape(
             "Kafka Connect Struct text (StringConverter on raw change events); use JsonConverter"
                 .to_string(),
@@ -309,18 +299,33 @@ fn struct_text(text: &str) -> Result<Option<SkipReason>, DecodeError> {
     }
 }
 
-/// JsonConverter with `schemas.enable=true` wraps every key and value as `{"schema": ..., "payload": ...}`.
-fn unwrap_schema(value: Value) -> Value {
+/// JsonConverter with `schemas.enable=true` wraps every key and value as `{"schema": ..., "payload": ...}`. Returns
+/// the value and, when it was wrapped, its schema (its field types name the timestamp encodings).
+fn unwrap_schema(value: Value) -> (Value, Option<Value>) {
     match value {
         Value::Object(mut obj)
             if obj.len() == 2
                 && obj.contains_key("payload")
                 && matches!(obj.get("schema"), Some(Value::Object(_))) =>
         {
-            obj.remove("payload").unwrap_or(Value::Null)
+            let schema = obj.remove("schema");
+            (obj.remove("payload").unwrap_or(Value::Null), schema)
         }
-        other => other,
+        other => (other, None),
     }
+}
+
+/// The Connect schema name (`io.debezium.time.MicroTimestamp`, ...) of the struct field at `path` of `schema`.
+fn field_schema_name<'a>(schema: Option<&'a Value>, path: &[&str]) -> Option<&'a str> {
+    let mut at = schema?;
+    for name in path {
+        at = at
+            .get("fields")?
+            .as_array()?
+            .iter()
+            .find(|f| f.get("field").and_then(Value::as_str) == Some(name))?;
+    }
+    at.get("name").and_then(Value::as_str)
 }
 
 fn is_heartbeat(obj: &Map<String, Value>) -> bool {
@@ -335,8 +340,21 @@ fn is_transaction_metadata(obj: &Map<String, Value>) -> bool {
         && obj.contains_key("event_count")
 }
 
+/// What a Debezium operation code means for the outbox: `c` and `r` are new events, the rest are skipped.
+fn op_skip(op: &str) -> Result<Option<SkipReason>, ()> {
+    match op {
+        "c" | "r" => Ok(None),
+        "u" => Ok(Some(SkipReason::Update)),
+        "d" => Ok(Some(SkipReason::Delete)),
+        "t" => Ok(Some(SkipReason::Truncate)),
+        "m" => Ok(Some(SkipReason::LogicalMessage)),
+        _ => Err(()),
+    }
+}
+
 fn decode_change_event(
     obj: &Map<String, Value>,
+    schema: Option<&Value>,
     coords: KafkaCoordinates,
 ) -> Result<Decoded, DecodeError> {
     let op = obj
@@ -346,13 +364,10 @@ fn decode_change_event(
             field: "op",
             expected: "string",
         })?;
-    match op {
-        "c" | "r" => {}
-        "u" => return Ok(Decoded::Skip(SkipReason::Update)),
-        "d" => return Ok(Decoded::Skip(SkipReason::Delete)),
-        "t" => return Ok(Decoded::Skip(SkipReason::Truncate)),
-        "m" => return Ok(Decoded::Skip(SkipReason::LogicalMessage)),
-        other => return Err(DecodeError::UnknownOp(other.to_string())),
+    match op_skip(op) {
+        Ok(None) => {}
+        Ok(Some(reason)) => return Ok(Decoded::Skip(reason)),
+        Err(()) => return Err(DecodeError::UnknownOp(op.to_string())),
     }
     let Some(Value::Object(row)) = obj.get("after") else {
         return Err(DecodeError::BadField {
@@ -365,13 +380,10 @@ fn decode_change_event(
     let aggregate_id = required_str(row, "aggregate_id")?;
     let event_type = required_str(row, "event_type")?;
     let payload = parse_payload(row.get("payload"))?;
-    let created_at_ms = match row.get("created_at") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(parse_timestamp(v).ok_or(DecodeError::BadField {
-            field: "created_at",
-            expected: "RFC 3339 timestamp",
-        })?),
-    };
+    let created_at_ms = created_at(
+        row.get("created_at"),
+        field_schema_name(schema, &["after", "created_at"]),
+    )?;
     Ok(Decoded::Event(Box::new(OutboxEvent {
         event_id: event_id.to_string(),
         aggregate_id: aggregate_id.to_string(),
@@ -386,48 +398,84 @@ fn decode_change_event(
     })))
 }
 
+/// Names the Outbox Event Router's `table.fields.additional.placement` documentation uses for placed columns
+/// (aliases as in its examples, or the column names themselves).
+const PLACED_NAMES: &[&str] = &[
+    "eventType",
+    "event_type",
+    "eventId",
+    "event_id",
+    "id",
+    "createdAt",
+    "created_at",
+    "aggregateType",
+    "aggregate_type",
+    "aggregateId",
+    "aggregate_id",
+    "timestamp",
+];
+
+/// Whether a router value is an envelope (`{payload, <placed fields>}`) rather than an expanded payload: it holds
+/// `payload` beside at least one placed field, and every field beside `payload` is a column value (a string,
+/// number or null; a placed column is never an object or array). Decided from the value alone: an `eventType`
+/// header may be placed as well.
+fn is_envelope(obj: &Map<String, Value>) -> bool {
+    obj.contains_key("payload")
+        && obj.len() >= 2
+        && obj.keys().any(|k| PLACED_NAMES.contains(&k.as_str()))
+        && obj.iter().all(|(k, v)| {
+            k == "payload" || matches!(v, Value::String(_) | Value::Number(_) | Value::Null)
+        })
+}
+
 fn decode_router_record<M: Message>(
     msg: &M,
     value: Value,
+    schema: Option<&Value>,
     coords: KafkaCoordinates,
 ) -> Result<Decoded, DecodeError> {
-    let header_type = header(msg, "eventType").or_else(|| header(msg, "event_type"));
-    // With an envelope placement the value is an object holding `payload` beside the placed fields.
     let (payload, envelope) = match value {
-        Value::Object(mut obj)
-            if header_type.is_none()
-                && obj.contains_key("payload")
-                && envelope_str(&obj, &["eventType", "event_type"]).is_some() =>
-        {
+        Value::Object(mut obj) if is_envelope(&obj) => {
             let payload = obj.remove("payload").unwrap_or(Value::Null);
             (payload, Some(obj))
         }
         other => (other, None),
     };
-    let from_envelope = |names: &[&str]| envelope.as_ref().and_then(|e| envelope_str(e, names));
+    let placed = |names: &[&str]| envelope.as_ref().and_then(|e| envelope_str(e, names));
 
-    let event_type = header_type
-        .or_else(|| from_envelope(&["eventType", "event_type"]))
+    let event_type = header(msg, "eventType")
+        .or_else(|| header(msg, "event_type"))
+        .or_else(|| placed(&["eventType", "event_type"]))
         .ok_or_else(|| {
-            if matches!(payload, Value::Object(_) | Value::String(_)) {
+            if matches!(payload, Value::Object(_) | Value::String(_) | Value::Null) {
                 DecodeError::MissingEventType
             } else {
                 DecodeError::UnknownShape(shape_of(&payload).to_string())
             }
         })?;
     let event_id = header(msg, "id")
-        .or_else(|| from_envelope(&["eventId", "event_id", "id"]))
+        .or_else(|| placed(&["eventId", "event_id", "id"]))
         .ok_or(DecodeError::MissingEventId)?;
     validate_uuid("id", &event_id)?;
     let aggregate_id = router_key(msg)
-        .or_else(|| from_envelope(&["aggregateId", "aggregate_id"]))
+        .or_else(|| placed(&["aggregateId", "aggregate_id"]))
         .ok_or(DecodeError::MissingAggregateId)?;
     let aggregate_type = header(msg, "aggregateType")
         .or_else(|| header(msg, "aggregate_type"))
-        .or_else(|| from_envelope(&["aggregateType", "aggregate_type"]));
-    let created_at_ms = header(msg, "createdAt")
-        .or_else(|| from_envelope(&["createdAt", "created_at"]))
-        .and_then(|s| parse_timestamp(&Value::String(s)));
+        .or_else(|| placed(&["aggregateType", "aggregate_type"]));
+    // A placed creation time: in the envelope (typed by the value's schema when it has one) or in a header.
+    let placed_time = envelope.as_ref().and_then(|e| {
+        ["createdAt", "created_at"]
+            .iter()
+            .find_map(|n| e.get(*n).filter(|v| !v.is_null()).map(|v| (*n, v)))
+    });
+    let created_at_ms = match placed_time {
+        Some((name, v)) => created_at(Some(v), field_schema_name(schema, &[name]))?,
+        None => match header(msg, "createdAt").or_else(|| header(msg, "created_at")) {
+            Some(s) => Some(timestamp_from_str(&s, None).map_err(|()| bad_created_at())?),
+            None => None,
+        },
+    };
     Ok(Decoded::Event(Box::new(OutboxEvent {
         event_id,
         aggregate_id,
@@ -454,7 +502,7 @@ fn router_key<M: Message>(msg: &M) -> Option<String> {
         return None;
     }
     match serde_json::from_str::<Value>(key) {
-        Ok(v) => match unwrap_schema(v) {
+        Ok(v) => match unwrap_schema(v).0 {
             Value::String(s) => Some(s),
             Value::Object(o) => envelope_str(&o, &["aggregate_id", "aggregateId"]),
             Value::Number(n) => Some(n.to_string()),
@@ -466,14 +514,44 @@ fn router_key<M: Message>(msg: &M) -> Option<String> {
 
 /// A header's value as UTF-8, looked up by name (Debezium adds its own headers; position means nothing).
 fn header<M: Message>(msg: &M, name: &str) -> Option<String> {
-    let headers = msg.headers()?;
-    let h = headers.iter().find(|h| h.key == name)?;
-    let raw = std::str::from_utf8(h.value?).ok()?;
+    let raw = raw_header(msg, name)?;
     // JsonConverter-style header converters quote strings; plain ones do not.
     match serde_json::from_str::<Value>(raw) {
         Ok(Value::String(s)) => Some(s),
         _ => Some(raw.to_string()),
     }
+}
+
+/// A header's value as it arrived, if it is UTF-8.
+fn raw_header<'m, M: Message>(msg: &'m M, name: &str) -> Option<&'m str> {
+    let headers = msg.headers()?;
+    let h = headers.iter().find(|h| h.key == name)?;
+    std::str::from_utf8(h.value?).ok()
+}
+
+/// The event id and type of a record that cannot be decoded, as far as they can be read: for the dead letter,
+/// so that an operator can tell which event it was. Never fails.
+pub fn identity<M: Message>(msg: &M) -> (Option<String>, Option<String>) {
+    let mut id = header(msg, "id");
+    let mut event_type = header(msg, "eventType").or_else(|| header(msg, "event_type"));
+    if id.is_some() && event_type.is_some() {
+        return (id, event_type);
+    }
+    let value = msg
+        .payload()
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|t| serde_json::from_str::<Value>(t).ok())
+        .map(|v| unwrap_schema(v).0);
+    if let Some(Value::Object(obj)) = value {
+        let row = match obj.get("after") {
+            Some(Value::Object(row)) => row,
+            _ => &obj,
+        };
+        let text = |names: &[&str]| envelope_str(row, names).filter(|s| !s.is_empty());
+        id = id.or_else(|| text(&["event_id", "eventId"]));
+        event_type = event_type.or_else(|| text(&["event_type", "eventType"]));
+    }
+    (id, event_type)
 }
 
 fn required_str<'a>(
@@ -499,34 +577,80 @@ fn validate_uuid(field: &'static str, s: &str) -> Result<(), DecodeError> {
 }
 
 /// `jsonb` arrives as a string holding JSON text (parse it a second time); an expanded router payload is
-/// already a value.
+/// already a value. A NULL payload column is an event without payload (`Value::Null`): whether its type accepts
+/// that is for the type's payload contract to say, not the decoder.
 fn parse_payload(raw: Option<&Value>) -> Result<Value, DecodeError> {
     match raw {
         Some(Value::String(s)) => {
             serde_json::from_str(s).map_err(|e| DecodeError::PayloadNotJson(e.to_string()))
         }
-        Some(Value::Null) | None => Err(DecodeError::BadField {
-            field: "payload",
-            expected: "JSON document",
-        }),
+        Some(Value::Null) | None => Ok(Value::Null),
         Some(v) => Ok(v.clone()),
     }
 }
 
-/// `timestamptz` is an RFC 3339 string (ZonedTimestamp); some converters give epoch milliseconds.
-fn parse_timestamp(v: &Value) -> Option<i64> {
-    match v {
-        Value::String(s) => parse_timestamp_str(s),
-        Value::Number(n) => n.as_i64(),
-        _ => None,
+/// The earliest and latest event time the daemon accepts (1970-01-01 to 9999-12-31, in ms): a time outside them
+/// is a misread unit or a broken row, and MongoDB servers and drivers disagree on dates beyond year 9999.
+pub const MIN_EVENT_TIME_MS: i64 = 0;
+pub const MAX_EVENT_TIME_MS: i64 = 253_402_300_799_999;
+
+fn bad_created_at() -> DecodeError {
+    DecodeError::BadField {
+        field: "created_at",
+        expected: "timestamp between 1970 and 9999 (RFC 3339 text or epoch number)",
     }
 }
 
-fn parse_timestamp_str(s: &str) -> Option<i64> {
-    mongodb::bson::DateTime::parse_rfc3339_str(s)
-        .ok()
-        .map(|d| d.timestamp_millis())
-        .or_else(|| s.parse::<i64>().ok())
+/// The creation time of a row, in ms: `None` when absent or null, an error when present and unreadable or out of
+/// range. `schema_name` is the Connect schema name of the field, when the record carries its schema.
+fn created_at(v: Option<&Value>, schema_name: Option<&str>) -> Result<Option<i64>, DecodeError> {
+    let ms = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => timestamp_from_str(s, schema_name),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .ok_or(())
+            .and_then(|n| epoch_to_ms(n, schema_name)),
+        Some(_) => Err(()),
+    };
+    ms.map(Some).map_err(|()| bad_created_at())
+}
+
+/// A timestamp as text: RFC 3339 (`ZonedTimestamp`, what `timestamptz` becomes), else an epoch number as text
+/// (a header placed by a plain header converter).
+fn timestamp_from_str(s: &str, schema_name: Option<&str>) -> Result<i64, ()> {
+    let ms = match mongodb::bson::DateTime::parse_rfc3339_str(s) {
+        Ok(d) => d.timestamp_millis(),
+        Err(_) => return epoch_to_ms(s.trim().parse::<i64>().map_err(|_| ())?, schema_name),
+    };
+    in_range(ms)
+}
+
+/// An epoch number in milliseconds. The unit comes from the field's Connect schema name where the record has one
+/// (Debezium's `time.precision.mode=adaptive` gives `Timestamp` in ms for `timestamp(0..3)`, `MicroTimestamp`
+/// in us for `timestamp(4..6)`, `NanoTimestamp` in ns; `connect` mode gives Kafka Connect's `Timestamp` in ms).
+/// Without a schema, one rule: below 10^14 it is milliseconds (up to year 5138), below 10^17 microseconds,
+/// else nanoseconds.
+fn epoch_to_ms(n: i64, schema_name: Option<&str>) -> Result<i64, ()> {
+    let divisor = match schema_name {
+        Some("io.debezium.time.Timestamp" | "org.apache.kafka.connect.data.Timestamp") => 1,
+        Some("io.debezium.time.MicroTimestamp") => 1_000,
+        Some("io.debezium.time.NanoTimestamp") => 1_000_000,
+        _ => match n.unsigned_abs() {
+            a if a < 100_000_000_000_000 => 1,
+            a if a < 100_000_000_000_000_000 => 1_000,
+            _ => 1_000_000,
+        },
+    };
+    in_range(n.div_euclid(divisor))
+}
+
+fn in_range(ms: i64) -> Result<i64, ()> {
+    if (MIN_EVENT_TIME_MS..=MAX_EVENT_TIME_MS).contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(())
+    }
 }
 
 fn shape_of(v: &Value) -> &'static str {

@@ -291,8 +291,8 @@ fn poison_records_get_a_clear_error() {
 #[test]
 fn timestamps_with_microseconds_and_large_integers_are_exact() {
     assert_eq!(
-        parse_timestamp(&json!("2026-11-26T15:16:01.817235Z")),
-        Some(1_795_706_161_817)
+        created_at(Some(&json!("2026-11-26T15:16:01.817235Z")), None),
+        Ok(Some(1_795_706_161_817))
     );
     // ts_ns exceeds 2^53; it must not pass through f64 anywhere in the decoder.
     let v: Value = serde_json::from_str(r#"{"ts_ns":1795706161873418715}"#).unwrap();

@@ -21,15 +21,32 @@ pub use user_statistics::UserStatisticsHandler;
 pub use users::UserCreatedHandler;
 
 use crate::event::OutboxEvent;
-use crate::registry::{HandlerError, Registry, RegistryError};
+use crate::registry::{HandlerError, PayloadContract, Registry, RegistryError};
 
 /// Collection names of the shipped read models.
 pub const USERS: &str = "users";
 pub const USER_STATISTICS: &str = "user_statistics";
 pub const ACTIVITIES: &str = "activities";
 
-/// Registers every shipped handler. Custom handlers go here too.
+/// Registers every shipped handler and the payload contract of each shipped event type. Custom handlers go here
+/// too.
 pub fn register_all(registry: &mut Registry) -> Result<(), RegistryError> {
+    // What a payload must hold for its event to have happened at all, decided once for every handler of the type:
+    // a sign-up the `users` projection cannot store is not counted in `user_statistics` either.
+    registry.require(
+        "UserCreated",
+        PayloadContract::object().require_str("email"),
+    );
+    registry.require(
+        "ActivityCreated",
+        PayloadContract::object()
+            .require_str("title")
+            .require_str("organizer_id"),
+    );
+    registry.require(
+        "ParticipantJoined",
+        PayloadContract::object().require_str("user_id"),
+    );
     registry.register(Arc::new(UserCreatedHandler))?;
     registry.register(Arc::new(UserStatisticsHandler::default()))?;
     registry.register(Arc::new(ActivityCreatedHandler))?;

@@ -144,6 +144,9 @@ fn processor(handlers: Vec<Arc<TestHandler>>, sink: Arc<Sink>) -> Processor {
             handler_timeout: Duration::from_secs(5),
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(100),
+            // These tests have no MongoDB: the ledger is tested against a real server (tests/pipeline.rs).
+            ledger: false,
+            dead_letter_topic: "dlq".into(),
         },
         cancel: CancellationToken::new(),
         metrics: Default::default(),
@@ -501,6 +504,8 @@ fn backoff_is_capped_and_jittered() {
         handler_timeout: Duration::from_secs(1),
         initial_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_secs(2),
+        ledger: false,
+        dead_letter_topic: "dlq".into(),
     };
     for attempt in 1..40 {
         let d = backoff(&s, attempt);
