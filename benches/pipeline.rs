@@ -352,15 +352,12 @@ fn noops() -> anyhow::Result<Registry> {
 }
 
 fn counted(base: &Registry, counter: &Arc<Counter>) -> anyhow::Result<Registry> {
-    let mut r = Registry::new();
-    for name in base.names() {
-        let inner = base.by_name(name).context("handler")?.clone();
-        r.register(Arc::new(Counted {
+    Ok(base.clone().wrap(|inner| {
+        Arc::new(Counted {
             inner,
             counter: counter.clone(),
-        }))?;
-    }
-    Ok(r)
+        })
+    }))
 }
 
 /// Handler calls the records make under `registry`.

@@ -231,6 +231,19 @@ impl Registry {
         Ok(())
     }
 
+    /// The same registry with every handler replaced by `f(handler)` (a decorator that counts, traces or guards
+    /// calls); the payload contracts are kept. `f` must keep each handler's name and event type.
+    pub fn wrap(self, f: impl Fn(Arc<dyn EventHandler>) -> Arc<dyn EventHandler>) -> Registry {
+        Registry {
+            by_type: self
+                .by_type
+                .into_iter()
+                .map(|(t, hs)| (t, hs.into_iter().map(&f).collect()))
+                .collect(),
+            contracts: self.contracts,
+        }
+    }
+
     /// The handlers for an event type; empty when the type is unknown.
     pub fn handlers_for(&self, event_type: &str) -> &[Arc<dyn EventHandler>] {
         self.by_type.get(event_type).map_or(&[], Vec::as_slice)

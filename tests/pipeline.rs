@@ -399,7 +399,7 @@ async fn poison_records_are_dead_lettered_and_the_partition_keeps_moving() {
             "decode.missing_event_type",
             "decode.not_json",
             "decode.payload_not_json",
-            "handler.permanent",
+            "invalid_payload",
         ]
     );
     // Unknown event type and tombstone: skipped, not dead-lettered; everything else accounted for.

@@ -515,3 +515,78 @@ fn backoff_is_capped_and_jittered() {
     assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
     assert!(backoff(&s, 30) >= Duration::from_secs(1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn records_of_the_dead_letter_topic_are_skipped_never_processed() {
+    let ok = TestHandler::new("ok", Behaviour::Ok);
+    let sink = Arc::new(Sink::default());
+    let p = processor(vec![ok.clone()], sink.clone());
+    let in_dlq = |offset| {
+        let r = record(offset, "a", "UserCreated");
+        OwnedMessage::new(
+            r.payload().map(<[u8]>::to_vec),
+            r.key().map(<[u8]>::to_vec),
+            "dlq".into(),
+            Timestamp::NotAvailable,
+            0,
+            offset,
+            None,
+        )
+    };
+    let poison = OwnedMessage::new(
+        Some(b"not json".to_vec()),
+        None,
+        "dlq".into(),
+        Timestamp::NotAvailable,
+        0,
+        2,
+        None,
+    );
+    for m in [in_dlq(0), in_dlq(1), poison] {
+        assert_eq!(p.process_record(&m).await, RecordOutcome::Skipped);
+    }
+    assert!(ok.seen.lock().unwrap().is_empty());
+    assert!(
+        sink.letters.lock().unwrap().is_empty(),
+        "no dead letter of a dead letter"
+    );
+    // The same record on another topic is processed.
+    assert!(matches!(
+        p.process_record(&record(3, "a", "UserCreated")).await,
+        RecordOutcome::Processed { .. }
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_payload_reaches_no_handler_and_is_dead_lettered_once() {
+    let users = TestHandler::new("users", Behaviour::Ok);
+    let stats = TestHandler::new("stats", Behaviour::Ok);
+    let sink = Arc::new(Sink::default());
+    let mut p = processor(vec![users.clone(), stats.clone()], sink.clone());
+    let mut registry = (*p.registry).clone();
+    registry.require(
+        "UserCreated",
+        crate::registry::PayloadContract::object().require_str("email"),
+    );
+    p.registry = Arc::new(registry);
+    let bad = {
+        let value = serde_json::json!({"op": "c", "after": {
+            "event_id": uuid::Uuid::new_v4().to_string(), "aggregate_id": "a", "event_type": "UserCreated",
+            "payload": "{\"email\": 42}"}});
+        OwnedMessage::new(
+            Some(value.to_string().into_bytes()),
+            None,
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            7,
+            None,
+        )
+    };
+    assert_eq!(p.process_record(&bad).await, RecordOutcome::DeadLettered);
+    assert!(users.seen.lock().unwrap().is_empty() && stats.seen.lock().unwrap().is_empty());
+    assert_eq!(
+        *sink.letters.lock().unwrap(),
+        [("invalid_payload".to_string(), None, 1)]
+    );
+}

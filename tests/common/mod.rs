@@ -401,6 +401,27 @@ pub async fn create_topics(kafka: &str, topics: &[(&str, i32)]) {
     }
 }
 
+/// Sets one configuration entry of a topic (e.g. `max.message.bytes`), replacing the topic's other overrides.
+pub async fn set_topic_config(kafka: &str, topic: &str, key: &str, value: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()
+        .expect("admin client");
+    let change = rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(topic))
+        .set(key, value)
+        .set("retention.ms", "-1");
+    let res = admin
+        .alter_configs(
+            &[change],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .expect("alter_configs");
+    for r in res {
+        r.unwrap_or_else(|(_, e)| panic!("setting {key} of {topic}: {e}"));
+    }
+}
+
 /// Produces `records` and waits for every acknowledgement. A record not acknowledged within a minute (a producer
 /// made while the broker restarts can stay without a usable connection) is sent again by a new producer, up to
 /// three times; only those records, so none is written twice unless the broker wrote it and lost the answer.
@@ -431,7 +452,7 @@ async fn send_all<'r>(
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka)
         .set("linger.ms", "5")
-        .set("message.max.bytes", "3000000")
+        .set("message.max.bytes", "10000000")
         .set("message.timeout.ms", "60000")
         .create()
         .expect("producer");

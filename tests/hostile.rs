@@ -1,0 +1,921 @@
+//! Guarantees against input nobody here wrote, on real Kafka and a real MongoDB-wire server: every Outbox Event
+//! Router placement captured from Debezium, hostile records between good ones, conflicting duplicates, undated
+//! re-emissions, a statement the server refuses, dead letters that cannot be forged or lost.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use event_processor::{EventHandler, HandlerContext, HandlerError, OutboxEvent, Registry};
+use mongodb::bson::{Document, doc};
+use proptest::strategy::{Strategy, ValueTree};
+use proptest::test_runner::TestRunner;
+use rdkafka::message::{Headers, Message};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Failed attempts per event id, counted around the real handlers.
+type Failures = Arc<Mutex<HashMap<String, u32>>>;
+
+struct Counting {
+    inner: Arc<dyn EventHandler>,
+    failures: Failures,
+}
+
+#[async_trait]
+impl EventHandler for Counting {
+    fn event_type(&self) -> &str {
+        self.inner.event_type()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn handle(&self, event: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {
+        let result = self.inner.handle(event, ctx).await;
+        if result.is_err() {
+            *self
+                .failures
+                .lock()
+                .unwrap()
+                .entry(event.event_id.clone())
+                .or_default() += 1;
+        }
+        result
+    }
+}
+
+/// The shipped handlers and contracts, each handler's failures counted.
+fn counted_shipped(failures: &Failures) -> Registry {
+    let mut r = Registry::new();
+    event_processor::handlers::register_all(&mut r).unwrap();
+    r.wrap(|inner| {
+        Arc::new(Counting {
+            inner,
+            failures: failures.clone(),
+        })
+    })
+}
+
+/// A raw change event whose `after` row is given whole (fields may be missing or mistyped).
+fn raw_row(row: Value) -> Rec {
+    let value =
+        json!({"before": null, "after": row, "op": "c", "source": {"name": "x"}, "ts_ms": 1});
+    Rec::new("\"k\"", &value.to_string())
+}
+
+fn user_row(event_id: &str, aggregate_id: &str, payload_text: &str) -> Value {
+    json!({"event_id": event_id, "aggregate_id": aggregate_id, "aggregate_type": "user",
+           "event_type": "UserCreated", "payload": payload_text, "created_at": "2026-11-30T10:00:00.000001Z"})
+}
+
+fn user(event_id: &str, aggregate_id: &str, payload: &Value) -> Rec {
+    raw_row(user_row(event_id, aggregate_id, &payload.to_string()))
+}
+
+/// A bad input: what it is, its record, the dead-letter class expected (`None`: not dead-lettered), and whether
+/// it is a valid sign-up after all (applied like any good one).
+struct Bad {
+    what: &'static str,
+    rec: Rec,
+    class: Option<&'static str>,
+    event_id: Option<String>,
+    valid_signup: bool,
+}
+
+fn bad(what: &'static str, rec: Rec, class: Option<&'static str>) -> Bad {
+    Bad {
+        what,
+        rec,
+        class,
+        event_id: None,
+        valid_signup: false,
+    }
+}
+
+fn nested(depth: usize) -> String {
+    format!(
+        "{{\"email\":\"deep@example.com\",\"n\":{}1{}}}",
+        "[".repeat(depth),
+        "]".repeat(depth)
+    )
+}
+
+/// Invalid sign-ups of many shapes, drawn from a strategy with a fixed seed: the mix is not chosen by hand.
+fn generated_invalid_signups(n: usize) -> Vec<Value> {
+    let shape = proptest::prop_oneof![
+        proptest::num::i64::ANY.prop_map(|n| json!({"email": n})),
+        "[a-z@.]{0,12}".prop_map(|s| json!([{"email": s}])),
+        "[a-z@.]{0,12}".prop_map(|s| json!(format!("{{\"email\": \"{s}\"}}"))),
+        proptest::strategy::Just(Value::Null),
+        (i64::MAX as u64 + 1..=u64::MAX).prop_map(|n| json!({"email": "big@example.com", "n": n})),
+        "[ \t]{0,3}".prop_map(|s| json!({"email": s})),
+        "[a-z]{1,8}".prop_map(|s| json!({"username": s})),
+        proptest::bool::ANY.prop_map(|b| json!({"email": b})),
+    ];
+    let mut runner = TestRunner::deterministic();
+    (0..n)
+        .map(|_| shape.new_tree(&mut runner).unwrap().current())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_records_between_good_ones_harm_none_of_them() {
+    let env = TestEnv::new("hostile", 1).await;
+    // A topic that takes a 5 MB record (the broker's own limit is 2 MB); the dead-letter topic keeps it.
+    let big_topic_env = env;
+    common::set_topic_config(
+        &big_topic_env.kafka,
+        &big_topic_env.topic,
+        "max.message.bytes",
+        "8000000",
+    )
+    .await;
+    let env = big_topic_env;
+
+    let first_of_conflict = new_id();
+    let conflict_user = new_id();
+    let first_email = json!({"email": "first@example.com"});
+    let id = "0b4f8a52-3c1e-4a7e-9d55-7f1b2c3d4e01";
+    let mut bads = vec![
+        bad(
+            "not JSON",
+            Rec::new("k", "not json at all"),
+            Some("decode.not_json"),
+        ),
+        Bad {
+            rec: Rec {
+                value: Some(vec![0xff, 0xfe, 0x00]),
+                headers: vec![
+                    ("id".into(), id.into()),
+                    ("eventType".into(), "UserCreated".into()),
+                ],
+                ..Rec::new("k", "")
+            },
+            event_id: Some(id.into()),
+            ..bad(
+                "invalid UTF-8",
+                Rec::new("k", ""),
+                Some("decode.invalid_utf8"),
+            )
+        },
+        bad("empty value", Rec::new("k", ""), Some("decode.not_json")),
+        bad(
+            "tombstone (no value)",
+            Rec {
+                value: None,
+                ..Rec::new("k", "")
+            },
+            None,
+        ),
+        bad(
+            "JSON null, no headers",
+            Rec::new("k", "null"),
+            Some("decode.missing_event_type"),
+        ),
+        bad(
+            "JSON array",
+            Rec::new("k", "[1,2]"),
+            Some("decode.unknown_shape"),
+        ),
+        bad(
+            "Kafka Connect Struct text",
+            Rec::new("k", "Struct{after=Struct{event_id=1},op=c}"),
+            Some("decode.unknown_shape"),
+        ),
+        bad(
+            "heartbeat",
+            Rec::new("k", "{\"ts_ms\":1795706161873}"),
+            None,
+        ),
+        bad(
+            "payload nested 200 deep (beyond the JSON parser's limit)",
+            raw_row(user_row(&new_id(), &new_id(), &nested(200))),
+            Some("decode.payload_not_json"),
+        ),
+        bad(
+            "payload nested 100 deep",
+            raw_row(user_row(&new_id(), &new_id(), &nested(100))),
+            Some("invalid_payload"),
+        ),
+        Bad {
+            valid_signup: true,
+            ..bad(
+                "5 MB valid sign-up",
+                user(
+                    &new_id(),
+                    &new_id(),
+                    &json!({"email": "huge@example.com", "bio": "x".repeat(5_000_000)}),
+                ),
+                None,
+            )
+        },
+        bad(
+            "5 MB invalid sign-up (dead letter without its value)",
+            user(&new_id(), &new_id(), &json!({"bio": "x".repeat(5_000_000)})),
+            Some("invalid_payload"),
+        ),
+        Bad {
+            valid_signup: true,
+            ..bad(
+                "$-keys and dotted keys",
+                user(
+                    &new_id(),
+                    &new_id(),
+                    &json!({"email": "dollar@example.com", "$where": "1", "a.b": 2, "": 3, "_id": "x"}),
+                ),
+                None,
+            )
+        },
+        bad(
+            "missing event id",
+            raw_row(
+                json!({"aggregate_id": new_id(), "event_type": "UserCreated", "payload": "{}"}),
+            ),
+            Some("decode.bad_field"),
+        ),
+        bad(
+            "event id not a UUID",
+            raw_row(user_row("not-a-uuid", &new_id(), "{\"email\":\"a@b.c\"}")),
+            Some("decode.bad_field"),
+        ),
+        bad(
+            "missing aggregate id",
+            raw_row(json!({"event_id": new_id(), "event_type": "UserCreated", "payload": "{}"})),
+            Some("decode.bad_field"),
+        ),
+        bad(
+            "router record without its id header",
+            Rec {
+                headers: vec![("eventType".into(), "UserCreated".into())],
+                ..Rec::new("\"agg\"", "\"{\\\"email\\\":\\\"a@b.c\\\"}\"")
+            },
+            Some("decode.missing_event_id"),
+        ),
+        bad(
+            "created_at in year 58873",
+            raw_row(
+                json!({"event_id": new_id(), "aggregate_id": new_id(), "event_type": "UserCreated",
+                           "payload": "{\"email\":\"late@example.com\"}", "created_at": "58873-01-01T00:00:00Z"}),
+            ),
+            Some("decode.bad_field"),
+        ),
+        bad(
+            "created_at as microseconds read as milliseconds would be year 58873",
+            raw_row(
+                json!({"event_id": new_id(), "aggregate_id": new_id(), "event_type": "UserCreated",
+                           "payload": "{\"email\":\"micro@example.com\"}", "created_at": 1_795_706_161_817_235i64}),
+            ),
+            None,
+        ),
+        bad(
+            "unknown operation",
+            Rec::new("k", &json!({"op": "x", "after": {}}).to_string()),
+            Some("decode.unknown_op"),
+        ),
+        bad(
+            "unknown event type",
+            raw_row(
+                json!({"event_id": new_id(), "aggregate_id": new_id(), "event_type": "NobodyHandles",
+                           "payload": "null"}),
+            ),
+            None,
+        ),
+        bad(
+            "forged dlq.* headers on an undecodable record",
+            Rec {
+                headers: vec![
+                    ("dlq.original.topic".into(), "forged-topic".into()),
+                    ("dlq.original.offset".into(), "999999".into()),
+                ],
+                ..Rec::new("k", "{forged")
+            },
+            Some("decode.not_json"),
+        ),
+    ];
+    // Valid-looking ids, invalid payloads of generated shapes.
+    for payload in generated_invalid_signups(24) {
+        let event_id = new_id();
+        let text = payload.to_string();
+        bads.push(Bad {
+            event_id: Some(event_id.clone()),
+            ..bad(
+                "generated invalid sign-up",
+                raw_row(user_row(&event_id, &new_id(), &text)),
+                Some("invalid_payload"),
+            )
+        });
+    }
+    // Conflicting duplicates of a good event: the same id later with other content, in the same aggregate and in
+    // another one. The good first version comes first, as a good record.
+    let conflicts = [
+        (
+            "same event id, other content, same aggregate",
+            user(
+                &first_of_conflict,
+                &conflict_user,
+                &json!({"email": "second@example.com"}),
+            ),
+        ),
+        (
+            "same event id, other content, other aggregate",
+            user(&first_of_conflict, &new_id(), &first_email),
+        ),
+    ];
+
+    // Three good sign-ups before and after every bad record, all in one partition.
+    let mut records = Vec::new();
+    let mut good: Vec<String> = Vec::new();
+    let mut expect_at: Vec<(usize, usize)> = Vec::new(); // (index in bads, offset)
+    let push_good = |records: &mut Vec<Rec>, good: &mut Vec<String>| {
+        for _ in 0..3 {
+            let (event_id, aggregate) = (new_id(), new_id());
+            records.push(user(
+                &event_id,
+                &aggregate,
+                &json!({"email": format!("{aggregate}@example.com")}),
+            ));
+            good.push(aggregate);
+        }
+    };
+    records.push(user(&first_of_conflict, &conflict_user, &first_email));
+    good.push(conflict_user.clone());
+    for (i, b) in bads.iter().enumerate() {
+        push_good(&mut records, &mut good);
+        expect_at.push((i, records.len()));
+        records.push(b.rec.clone());
+    }
+    let mut conflict_offsets = Vec::new();
+    for (_, rec) in &conflicts {
+        push_good(&mut records, &mut good);
+        conflict_offsets.push(records.len());
+        records.push(rec.clone());
+    }
+    push_good(&mut records, &mut good);
+    env.produce(&records).await;
+
+    let failures: Failures = Default::default();
+    let daemon = env.start_with(
+        counted_shipped(&failures),
+        &[
+            ("HANDLER_MAX_ATTEMPTS", "2"),
+            ("PROCESSING_CONCURRENCY", "64"),
+        ],
+    );
+    wait_committed(&env, 1, records.len() as i64, WAIT).await;
+    daemon.stop().await;
+
+    // Every good record applied, none charged a failed attempt.
+    let failures = failures.lock().unwrap().clone();
+    for aggregate in &good {
+        assert!(
+            env.find_one("users", doc! { "_id": aggregate })
+                .await
+                .is_some(),
+            "good sign-up {aggregate} not applied"
+        );
+    }
+    assert!(failures.is_empty(), "failed attempts: {failures:?}");
+
+    // Each bad input did what its row says.
+    let expected_letters = bads.iter().filter(|b| b.class.is_some()).count() + conflicts.len();
+    let letters = env.dead_letters(expected_letters);
+    let by_offset: HashMap<i64, &rdkafka::message::OwnedMessage> = letters
+        .iter()
+        .map(|m| {
+            (
+                header(m, "dlq.original.offset").unwrap().parse().unwrap(),
+                m,
+            )
+        })
+        .collect();
+    assert_eq!(
+        letters.len(),
+        expected_letters,
+        "one dead letter per refused record"
+    );
+    let mut table = Vec::new();
+    for (i, offset) in &expect_at {
+        let b = &bads[*i];
+        let letter = by_offset.get(&(*offset as i64));
+        let class = letter.map(|m| header(m, "dlq.error.class").unwrap());
+        assert_eq!(class.as_deref(), b.class, "{}", b.what);
+        if let (Some(m), Some(id)) = (letter, &b.event_id) {
+            assert_eq!(
+                header(m, "dlq.event.id").as_ref(),
+                Some(id),
+                "{}: event id",
+                b.what
+            );
+            assert!(
+                header(m, "dlq.event.type").is_some(),
+                "{}: event type",
+                b.what
+            );
+        }
+        if let Some(m) = letter {
+            assert_eq!(
+                header(m, "dlq.original.topic").as_ref(),
+                Some(&env.topic),
+                "{}",
+                b.what
+            );
+        }
+        table.push(json!({"input": b.what, "dead_letter_class": class,
+                          "value_omitted": letter.map(|m| m.payload().is_none())}));
+    }
+    for (j, offset) in conflict_offsets.iter().enumerate() {
+        let m = by_offset[&(*offset as i64)];
+        assert_eq!(
+            header(m, "dlq.error.class").as_deref(),
+            Some("conflicting_duplicate"),
+            "{}",
+            conflicts[j].0
+        );
+        assert_eq!(header(m, "dlq.event.id"), Some(first_of_conflict.clone()));
+        table.push(json!({"input": conflicts[j].0, "dead_letter_class": "conflicting_duplicate"}));
+    }
+    // The first version of the conflicting event stands, in its aggregate and nowhere else.
+    let first = env
+        .find_one("users", doc! { "_id": &conflict_user })
+        .await
+        .unwrap();
+    assert_eq!(first.get_str("email").unwrap(), "first@example.com");
+    assert_eq!(
+        env.count("users", doc! { "last_event_id": &first_of_conflict })
+            .await,
+        1
+    );
+
+    // The read models agree with each other: every counted sign-up has its user document.
+    let valid_bad = bads.iter().filter(|b| b.valid_signup).count() as i64;
+    let users = env.count("users", doc! {}).await as i64;
+    // The microseconds case is a valid sign-up too.
+    assert_eq!(users, good.len() as i64 + valid_bad + 1);
+    let totals = env
+        .find_one("user_statistics", doc! { "_id": "totals" })
+        .await
+        .unwrap();
+    assert_eq!(
+        totals
+            .get_i64("total_users")
+            .or_else(|_| totals.get_i32("total_users").map(i64::from))
+            .unwrap(),
+        users
+    );
+    let micro = env
+        .find_one("users", doc! { "email": "micro@example.com" })
+        .await
+        .unwrap();
+    let at = micro.get_datetime("created_at").unwrap().timestamp_millis();
+    assert_eq!(at, 1_795_706_161_817, "microseconds read as such");
+
+    let summary =
+        json!({"good_records": good.len(), "good_with_failed_attempts": 0, "inputs": table});
+    let dir = format!("{}/target/hostile", env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        format!("{dir}/table.json"),
+        serde_json::to_string_pretty(&summary).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Writes a date the server cannot take (year 58873, which the MongoDB-wire server refuses for the whole command)
+/// for the one event marked `poison`, and a normal document for every other: the statements share commands.
+struct DateWriter {
+    failures: Failures,
+}
+
+#[async_trait]
+impl EventHandler for DateWriter {
+    fn event_type(&self) -> &str {
+        "UserCreated"
+    }
+    fn name(&self) -> &str {
+        "DateWriter"
+    }
+    async fn handle(&self, event: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {
+        let ms = if event.payload.get("poison").is_some() {
+            1_795_706_161_817_235 // microseconds taken as milliseconds
+        } else {
+            1_795_706_161_817
+        };
+        let result = event_processor::store::guarded_upsert(
+            ctx,
+            "dates",
+            doc! { "_id": &event.aggregate_id },
+            doc! { "$set": { "at": mongodb::bson::DateTime::from_millis(ms), "event_id": &event.event_id } },
+        )
+        .await;
+        if result.is_err() {
+            *self
+                .failures
+                .lock()
+                .unwrap()
+                .entry(event.event_id.clone())
+                .or_default() += 1;
+        }
+        result
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_the_server_refuses_is_charged_to_its_record_alone() {
+    let env = TestEnv::new("refused", 1).await;
+    let mut records = new_users(31, "before");
+    let poison = new_id();
+    records.push(change_event(
+        "c",
+        &poison,
+        &new_id(),
+        "UserCreated",
+        &json!({"email": "p@x.y", "poison": true}),
+    ));
+    records.extend(new_users(31, "after"));
+    env.produce(&records).await;
+    let failures: Failures = Default::default();
+    let mut registry = Registry::new();
+    registry
+        .register(Arc::new(DateWriter {
+            failures: failures.clone(),
+        }))
+        .unwrap();
+    // Everything is in the topic before the daemon starts: the statements of a poll go out together.
+    let daemon = env.start_with(registry, &[("HANDLER_MAX_ATTEMPTS", "2")]);
+    wait_committed(&env, 1, records.len() as i64, WAIT).await;
+    daemon.stop().await;
+    assert_eq!(
+        env.count("dates", doc! {}).await,
+        62,
+        "every good statement applied"
+    );
+    let failures = failures.lock().unwrap().clone();
+    assert_eq!(
+        failures.keys().collect::<Vec<_>>(),
+        [&poison],
+        "only the culprit failed: {failures:?}"
+    );
+    assert_eq!(failures[&poison], 2);
+    let letters = env.dead_letters(1);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(header(&letters[0], "dlq.event.id"), Some(poison));
+    assert_eq!(
+        header(&letters[0], "dlq.error.class").as_deref(),
+        Some("handler.permanent")
+    );
+}
+
+/// The records of one captured fixture variant, as captured (key, value, headers, Kafka timestamp).
+fn fixture(variant: &str) -> Vec<Rec> {
+    let path = format!(
+        "{}/src/decode/fixtures/{variant}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    doc["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| Rec {
+            key: r["key"].as_str().map(|s| s.as_bytes().to_vec()),
+            value: r["value"].as_str().map(|s| s.as_bytes().to_vec()),
+            headers: r["headers"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                .collect(),
+            partition: None,
+            timestamp: r["timestamp"].as_i64(),
+        })
+        .collect()
+}
+
+/// The user id of the captured run the `fxcap` variants share.
+fn captured_user() -> (String, String) {
+    for r in fixture("raw_ts6_json") {
+        let Some(v) = r.value else { continue };
+        let v: Value = serde_json::from_slice(&v).unwrap();
+        if v["after"]["event_type"] == "UserCreated" {
+            return (
+                v["after"]["aggregate_id"].as_str().unwrap().to_string(),
+                v["after"]["event_id"].as_str().unwrap().to_string(),
+            );
+        }
+    }
+    panic!("no UserCreated in raw_ts6_json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_placement_and_column_type_makes_the_same_documents() {
+    let env = TestEnv::new("placements", 6).await;
+    let variants = [
+        "raw_ts6_json",
+        "router_envelope_header",
+        "router_envelope_created",
+        "router_envelope_schema",
+        "router_type_header_only",
+        "router_null_payload",
+        "router_null_tombstone",
+        "raw_null_payload",
+        "raw_ts6_schema",
+        "raw_ts3_schema",
+        "raw_ts6_connect",
+        "router_ts6_envelope",
+        "router_ts6_header",
+    ];
+    let records: Vec<Rec> = variants.iter().flat_map(|v| fixture(v)).collect();
+    env.produce(&records).await;
+    let failures: Failures = Default::default();
+    let daemon = env.start_with(counted_shipped(&failures), &[("HANDLER_MAX_ATTEMPTS", "1")]);
+    wait_committed(&env, 6, records.len() as i64, WAIT).await;
+    daemon.stop().await;
+    assert!(
+        failures.lock().unwrap().is_empty(),
+        "{:?}",
+        failures.lock().unwrap()
+    );
+
+    let (user_id, user_event) = captured_user();
+    let user = env
+        .find_one("users", doc! { "_id": &user_id })
+        .await
+        .expect("user document");
+    assert_eq!(user.get_str("email").unwrap(), "fixture@example.com");
+    for placed in ["payload", "eventType", "eventId", "createdAt"] {
+        assert!(
+            !user.contains_key(placed),
+            "{placed} stored as a payload field: {user:?}"
+        );
+    }
+    // The row's creation time, read in its own unit by every variant (December 2026, not year 58873).
+    let created = user.get_datetime("created_at").unwrap().timestamp_millis();
+    let captured_at = fixture("raw_ts6_json")
+        .iter()
+        .filter_map(|r| r.timestamp)
+        .max()
+        .unwrap();
+    assert!(
+        (captured_at - created).abs() < 300_000,
+        "created_at {created}, captured {captured_at}"
+    );
+    assert_eq!(
+        env.count("users", doc! {}).await,
+        1,
+        "one user, however many variants carried it"
+    );
+    let totals = env
+        .find_one("user_statistics", doc! { "_id": "totals" })
+        .await
+        .unwrap();
+    assert_eq!(
+        totals
+            .get("total_users")
+            .and_then(|v| v.as_i64().or(v.as_i32().map(i64::from))),
+        Some(1)
+    );
+    let activity = env
+        .find_one("activities", doc! { "title": "Morning run" })
+        .await
+        .expect("activity");
+    assert_eq!(activity.get_i32("participant_count").unwrap(), 1);
+
+    // The events without payload: the sign-up is refused by its type's contract and dead-lettered, naming the
+    // event; the type nobody handles is skipped. The tombstone variant dead-letters nothing.
+    let letters = env.dead_letters(2);
+    assert_eq!(
+        letters.len(),
+        2,
+        "the two null-payload sign-ups (router, raw)"
+    );
+    for m in &letters {
+        assert_eq!(
+            header(m, "dlq.error.class").as_deref(),
+            Some("invalid_payload")
+        );
+        assert_eq!(header(m, "dlq.event.type").as_deref(), Some("UserCreated"));
+        let id = header(m, "dlq.event.id").expect("event id on the letter");
+        assert_ne!(id, user_event);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reemitted_event_without_creation_time_changes_nothing() {
+    let env = TestEnv::new("reemit", 6).await;
+    // An Event Router deployment that places the event type only: its records carry no creation time.
+    // The first copies two days before the re-emission (the broker refuses timestamps far in the future).
+    let two_days = 2 * 24 * 3_600_000;
+    let first: Vec<Rec> = fixture("router_type_header_only")
+        .into_iter()
+        .map(|r| Rec {
+            timestamp: r.timestamp.map(|t| t - two_days),
+            ..r
+        })
+        .collect();
+    env.produce(&first).await;
+    let daemon = env.start(&[]);
+    wait_committed(&env, 6, first.len() as i64, WAIT).await;
+    let before = env.snapshot().await;
+    // Debezium emits the same rows again (a connector restart, a snapshot) two days later.
+    let again: Vec<Rec> = first
+        .iter()
+        .map(|r| Rec {
+            timestamp: r.timestamp.map(|t| t + two_days),
+            ..r.clone()
+        })
+        .collect();
+    env.produce(&again).await;
+    wait_committed(&env, 6, 2 * first.len() as i64, WAIT).await;
+    daemon.stop().await;
+    let after = env.snapshot().await;
+    assert_eq!(before, after, "a re-emission moved the read models");
+    let totals = env
+        .find_one("user_statistics", doc! { "_id": "totals" })
+        .await
+        .unwrap();
+    assert_eq!(
+        totals
+            .get("total_users")
+            .and_then(|v| v.as_i64().or(v.as_i32().map(i64::from))),
+        Some(1)
+    );
+    // The event's time is its first copy's Kafka timestamp.
+    let (user_id, _) = captured_user();
+    let user: Document = env
+        .find_one("users", doc! { "_id": &user_id })
+        .await
+        .unwrap();
+    let at = user.get_datetime("created_at").unwrap().timestamp_millis();
+    let first_ts: Vec<i64> = first.iter().filter_map(|r| r.timestamp).collect();
+    assert!(
+        first_ts.contains(&at),
+        "created_at {at} is not a first-copy timestamp {first_ts:?}"
+    );
+}
+
+/// Fails permanently while `broken` is set; records the source of every event it applies.
+struct Fixable {
+    broken: Arc<std::sync::atomic::AtomicBool>,
+    applied: Arc<Mutex<Vec<(String, String, i64)>>>,
+}
+
+#[async_trait]
+impl EventHandler for Fixable {
+    fn event_type(&self) -> &str {
+        "Big"
+    }
+    fn name(&self) -> &str {
+        "Fixable"
+    }
+    async fn handle(&self, event: &OutboxEvent, _: &HandlerContext) -> Result<(), HandlerError> {
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(HandlerError::invalid("not fixed yet"));
+        }
+        self.applied.lock().unwrap().push((
+            event.event_id.clone(),
+            event.source.topic.clone(),
+            event.source.offset,
+        ));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_refetches_omitted_values_reports_lost_ones_and_ignores_forged_origins() {
+    let env = TestEnv::new("replay_big", 1).await;
+    set_topic_config(&env.kafka, &env.topic, "max.message.bytes", "8000000").await;
+    let big = |id: &str| {
+        change_event(
+            "c",
+            id,
+            &new_id(),
+            "Big",
+            &json!({"blob": "x".repeat(3_000_000)}),
+        )
+    };
+    let (lost, kept, forged) = (new_id(), new_id(), new_id());
+    let mut forged_rec = change_event("c", &forged, &new_id(), "Big", &json!({"small": true}));
+    forged_rec.headers = vec![
+        ("dlq.original.topic".into(), "forged-topic".into()),
+        ("dlq.original.offset".into(), "999999".into()),
+        ("dlq.handler".into(), "NoSuchHandler".into()),
+    ];
+    // Offsets 0, 1, 2: the first will be deleted from the topic before the replay.
+    env.produce(&[big(&lost), big(&kept), forged_rec]).await;
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let applied: Arc<Mutex<Vec<(String, String, i64)>>> = Default::default();
+    let registry = || {
+        let mut r = Registry::new();
+        r.register(Arc::new(Fixable {
+            broken: broken.clone(),
+            applied: applied.clone(),
+        }))
+        .unwrap();
+        r
+    };
+    let daemon = env.start_with(registry(), &[("HANDLER_MAX_ATTEMPTS", "1")]);
+    wait_committed(&env, 1, 3, WAIT).await;
+    daemon.stop().await;
+    let mut letters = env.dead_letters(3);
+    assert_eq!(letters.len(), 3);
+    letters.sort_by_key(|m| {
+        header(m, "dlq.original.offset")
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+    });
+    for m in &letters[..2] {
+        assert!(m.payload().is_none(), "a 3 MB value fits no dead letter");
+        assert!(header(m, "dlq.value.omitted").is_some());
+    }
+    // The record's own dlq.* headers are kept under another name; ours are the only dlq.* ones.
+    let forged_letter = &letters[2];
+    let dlq_names: Vec<&str> = forged_letter
+        .headers()
+        .unwrap()
+        .iter()
+        .map(|h| h.key)
+        .filter(|k| k.starts_with("dlq."))
+        .collect();
+    assert_eq!(
+        dlq_names
+            .iter()
+            .filter(|k| **k == "dlq.original.topic")
+            .count(),
+        1
+    );
+    assert_eq!(
+        header(forged_letter, "dlq.original.topic").as_ref(),
+        Some(&env.topic)
+    );
+    assert_eq!(
+        header(forged_letter, "original.dlq.original.topic").as_deref(),
+        Some("forged-topic")
+    );
+    let rebuilt = event_processor::replay::original_record(forged_letter).unwrap();
+    assert_eq!((rebuilt.topic(), rebuilt.offset()), (env.topic.as_str(), 2));
+    assert_eq!(
+        header(&rebuilt, "dlq.original.topic").as_deref(),
+        Some("forged-topic")
+    );
+
+    // The topic's retention has taken the first record.
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &env.kafka)
+            .create()
+            .unwrap();
+    let mut upto = rdkafka::TopicPartitionList::new();
+    upto.add_partition_offset(&env.topic, 0, rdkafka::Offset::Offset(1))
+        .unwrap();
+    admin
+        .delete_records(&upto, &rdkafka::admin::AdminOptions::new())
+        .await
+        .expect("delete_records");
+
+    // Where the replay group must stop: at the letter of the deleted record.
+    let lost_letter = letters[0].offset();
+    let held_at = if lost_letter == 0 {
+        None
+    } else {
+        Some(lost_letter)
+    };
+    broken.store(false, std::sync::atomic::Ordering::SeqCst);
+    for run in 1..=2 {
+        let stats = event_processor::replay::replay_dead_letters(
+            env.config(&[]),
+            registry(),
+            None,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .expect("replay");
+        assert_eq!(stats.not_replayable, 1, "run {run}: {stats:?}");
+        // The first run replays both others; a later one those after the held letter again (idempotently).
+        let expected = if run == 1 {
+            2
+        } else {
+            2 - lost_letter as usize
+        };
+        assert_eq!(stats.replayed, expected, "run {run}: {stats:?}");
+        // Held at the letter it could not replay: the next run reports it again.
+        let group = format!("{}.dlq-replay.all", env.group);
+        let committed = committed(&env.kafka, &group, &env.dlq, 1);
+        assert_eq!(committed, [held_at], "run {run}");
+    }
+    let applied = applied.lock().unwrap().clone();
+    assert!(
+        applied.contains(&(kept.clone(), env.topic.clone(), 1)),
+        "{applied:?}"
+    );
+    assert!(
+        applied.contains(&(forged.clone(), env.topic.clone(), 2)),
+        "{applied:?}"
+    );
+    assert!(!applied.iter().any(|(id, _, _)| *id == lost), "{applied:?}");
+}
