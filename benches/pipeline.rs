@@ -430,19 +430,24 @@ async fn bare_consume(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
 
 /// The daemon's pipeline over the topic's `records` with `base`'s handlers (`calls` handler calls in all, see
 /// [`calls`]), from its first handler call to its last.
+/// `ledger`: whether events go through the event ledger (a MongoDB statement each); the no-op ceiling measures the
+/// consumer without any storage, so it runs without.
 async fn pipeline(
     env: &Env,
     topic: &str,
     (records, calls): (usize, usize),
     base: &Registry,
+    ledger: bool,
 ) -> anyhow::Result<f64> {
     let counter = Arc::new(Counter::new(calls));
     let registry = counted(base, &counter)?;
     let db = fresh(env, "pipe");
     log_in_process(env)?;
     let token = CancellationToken::new();
+    let mut config = daemon_config(env, topic, &db)?;
+    config.event_ledger = ledger;
     let daemon = tokio::spawn(event_processor::run_with_registry(
-        daemon_config(env, topic, &db)?,
+        config,
         registry,
         token.clone(),
     ));
@@ -937,7 +942,7 @@ async fn pipeline_ceiling(
                 bare.push(bare_consume(env, &topic, n_kafka).await?);
                 bare_cpu.push(per_record_us(cpu_seconds() - cpu));
             } else {
-                pipe.push(pipeline(env, &topic, work, &noop).await?);
+                pipe.push(pipeline(env, &topic, work, &noop, false).await?);
                 pipe_cpu.push(per_record_us(cpu_seconds() - cpu));
             }
         }
@@ -1027,7 +1032,7 @@ async fn main() -> anyhow::Result<()> {
         for part in in_turn(i, 3) {
             match part {
                 0 => ceil.push(server_ceiling(&env, &records).await?),
-                1 => ours.push(pipeline(&env, &topic, work, &handlers).await?),
+                1 => ours.push(pipeline(&env, &topic, work, &handlers, true).await?),
                 _ => base.push(per_event(&env, &topic, n_per_event).await?),
             }
         }
