@@ -56,9 +56,15 @@ pub async fn run_with_registry(
         tokio::spawn(crate::http::upkeep(handle, every, http_stop.clone()));
     }
     if config.http_port != 0 {
-        let listener = tokio::net::TcpListener::bind(("0.0.0.0", config.http_port))
-            .await
-            .with_context(|| format!("binding HTTP_PORT {}", config.http_port))?;
+        let listener =
+            tokio::net::TcpListener::bind((config.http_bind_address.as_str(), config.http_port))
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding HTTP_BIND_ADDRESS {} and HTTP_PORT {}",
+                        config.http_bind_address, config.http_port
+                    )
+                })?;
         let (h, stop) = (health.clone(), http_stop.clone());
         tokio::spawn(async move {
             if let Err(e) = crate::http::serve(listener, h, stop).await {

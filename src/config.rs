@@ -21,7 +21,8 @@ const PROTECTED_KAFKA_PROPERTIES: &[&str] = &[
 /// `security.protocol`. `_` becomes `.`; write `__` for a literal `_`.
 pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
 
-/// A string that must not appear in logs. `Debug` and `Display` print a redacted form.
+/// A connection string that must not appear in logs. `Debug`, `Display` and serialization print it redacted
+/// (`redact::redact_uri`); only [`Secret::expose`] gives the value, to connect with.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -55,20 +56,37 @@ impl fmt::Display for Secret {
     }
 }
 
-/// `mongodb://user:pass@host` -> `mongodb://user:***@host`; anything without credentials is returned as is.
-pub fn redact_uri(uri: &str) -> String {
-    let Some(scheme_end) = uri.find("://") else {
-        return "***".to_string();
-    };
-    let rest = &uri[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &uri[..scheme_end + 3], user, &rest[at..])
-        }
-        None => uri.to_string(),
+pub use crate::redact::redact_uri;
+
+/// librdkafka properties from `KAFKA_PROPERTY_*`. `Debug` hides the values of secret ones (`sasl.password`,
+/// `ssl.key.password`, `sasl.jaas.config`, ...).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KafkaProperties(pub BTreeMap<String, String>);
+
+impl std::ops::Deref for KafkaProperties {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a KafkaProperties {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(
+                self.0
+                    .iter()
+                    .map(|(k, v)| (k, crate::redact::redact_property(k, v))),
+            )
+            .finish()
     }
 }
 
@@ -149,12 +167,16 @@ pub struct Config {
     /// Port of the HTTP server for `/metrics`, `/health/live` and `/health/ready`; 0 disables it.
     #[serde(default = "d::http_port")]
     pub http_port: u16,
+    /// Address the HTTP server listens on: every interface by default, which a container needs for its port to
+    /// be reached; `127.0.0.1` keeps the unauthenticated endpoints on the host.
+    #[serde(default = "d::http_bind_address")]
+    pub http_bind_address: String,
     /// Interval of the periodic `total_processed` log line, in seconds.
     #[serde(default = "d::stats_interval_secs")]
     pub stats_interval_secs: u64,
     /// librdkafka properties from `KAFKA_PROPERTY_*` (filled by [`Config::from_env`], not by `envy`).
     #[serde(skip_deserializing, skip_serializing)]
-    pub kafka_properties: BTreeMap<String, String>,
+    pub kafka_properties: KafkaProperties,
 }
 
 mod d {
@@ -218,6 +240,9 @@ mod d {
     pub fn log_format() -> String {
         "json".into()
     }
+    pub fn http_bind_address() -> String {
+        "0.0.0.0".into()
+    }
     pub fn http_port() -> u16 {
         9090
     }
@@ -256,7 +281,7 @@ impl Config {
                         "{k} would override `{prop}`, which the daemon sets itself for its delivery guarantee"
                     )));
                 }
-                cfg.kafka_properties.insert(prop, v.clone());
+                cfg.kafka_properties.0.insert(prop, v.clone());
             }
         }
         cfg.validate()?;
@@ -363,6 +388,12 @@ impl Config {
         {
             return bad("MONGODB_DATABASE", "must be a valid database name");
         }
+        if self.http_bind_address.parse::<std::net::IpAddr>().is_err() {
+            return bad(
+                "HTTP_BIND_ADDRESS",
+                "must be an IP address (0.0.0.0 for every interface, 127.0.0.1 for the host only)",
+            );
+        }
         if !matches!(self.log_format.as_str(), "json" | "pretty") {
             return bad("LOG_FORMAT", "must be `json` or `pretty`");
         }
@@ -398,6 +429,15 @@ impl Config {
             LogFormat::Pretty
         } else {
             LogFormat::Json
+        }
+    }
+
+    /// The address a probe on this host reaches the HTTP server at.
+    pub fn http_probe_host(&self) -> String {
+        match self.http_bind_address.parse::<std::net::IpAddr>() {
+            Ok(ip) if ip.is_unspecified() && ip.is_ipv6() => "::1".into(),
+            Ok(ip) if ip.is_unspecified() => "127.0.0.1".into(),
+            _ => self.http_bind_address.clone(),
         }
     }
 

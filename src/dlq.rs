@@ -141,9 +141,11 @@ pub fn build_headers(letter: &DeadLetter<'_>, group: &str, value_omitted: bool) 
         .map(|t| t.to_string())
         .unwrap_or_default();
     let attempts = letter.attempts.to_string();
+    // An error's text can quote what a driver was given: no secret of the environment leaves in it.
+    let message = crate::redact::scrub(&letter.error_message);
     let mut ours: Vec<(&str, &str)> = vec![
         (headers::ERROR_CLASS, &letter.error_class),
-        (headers::ERROR_MESSAGE, &letter.error_message),
+        (headers::ERROR_MESSAGE, &message),
         (headers::TOPIC, r.topic()),
         (headers::PARTITION, &partition),
         (headers::OFFSET, &offset),

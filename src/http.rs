@@ -112,9 +112,9 @@ async fn ready(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 /// `event-processor healthcheck`: GET `/health/live` on the local port; true on HTTP 200.
-pub async fn probe(port: u16, path: &str) -> Result<bool, std::io::Error> {
+pub async fn probe(host: &str, port: u16, path: &str) -> Result<bool, std::io::Error> {
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut s = tokio::net::TcpStream::connect((host, port)).await?;
         s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
             .await?;
         let mut buf = Vec::new();

@@ -38,6 +38,7 @@ pub mod http;
 pub mod kafka;
 pub mod ledger;
 pub mod pipeline;
+pub mod redact;
 pub mod registry;
 pub mod replay;
 pub mod shutdown;

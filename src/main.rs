@@ -5,7 +5,7 @@
 
 use std::process::ExitCode;
 
-use event_processor::{Config, shutdown, telemetry};
+use event_processor::{Config, redact, shutdown, telemetry};
 use tokio_util::sync::CancellationToken;
 
 /// Decoding JSON allocates many small objects per record; mimalloc serves them faster than the system allocator
@@ -15,34 +15,48 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Before anything can print: every secret of the environment is hidden from every line from here on.
+    redact::install_from_env();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         None | Some("run") => run().await,
         Some("healthcheck") => healthcheck().await,
         Some("replay-dlq") => replay(args.get(1).cloned()).await,
         Some(other) => {
-            eprintln!(
+            fail(&format!(
                 "unknown command `{other}`; usage: event-processor [run|healthcheck|replay-dlq [HANDLER]]"
-            );
+            ));
             ExitCode::from(2)
         }
     }
 }
 
-async fn run() -> ExitCode {
-    let config = match Config::from_env() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("event-processor: {e}");
-            return ExitCode::from(78); // EX_CONFIG
-        }
-    };
-    if let Err(e) = telemetry::init(&config.log_level, config.log_format()) {
-        eprintln!("event-processor: cannot install logging: {e}");
-        return ExitCode::FAILURE;
-    }
+/// One line on stderr, secrets hidden.
+fn fail(message: &str) {
+    eprintln!("event-processor: {}", redact::scrub(message));
+}
+
+/// Configuration, logging and the shutdown signal, as every long-running command needs them; the exit code
+/// when one of them fails (78, EX_CONFIG, for a bad variable).
+fn start() -> Result<(Config, CancellationToken), ExitCode> {
+    let config = Config::from_env().map_err(|e| {
+        fail(&e.to_string());
+        ExitCode::from(78)
+    })?;
+    telemetry::init(&config.log_level, config.log_format()).map_err(|e| {
+        fail(&format!("cannot install logging: {e}"));
+        ExitCode::FAILURE
+    })?;
     let token = CancellationToken::new();
     shutdown::cancel_on_signal(token.clone());
+    Ok((config, token))
+}
+
+async fn run() -> ExitCode {
+    let (config, token) = match start() {
+        Ok(started) => started,
+        Err(code) => return code,
+    };
     match event_processor::run(config, token).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -55,22 +69,13 @@ async fn run() -> ExitCode {
 }
 
 async fn replay(handler: Option<String>) -> ExitCode {
-    let config = match Config::from_env() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("event-processor: {e}");
-            return ExitCode::from(78);
-        }
+    let (config, token) = match start() {
+        Ok(started) => started,
+        Err(code) => return code,
     };
-    if let Err(e) = telemetry::init(&config.log_level, config.log_format()) {
-        eprintln!("event-processor: cannot install logging: {e}");
-        return ExitCode::FAILURE;
-    }
-    let token = CancellationToken::new();
-    shutdown::cancel_on_signal(token.clone());
     let mut registry = event_processor::Registry::new();
     if let Err(e) = event_processor::handlers::register_all(&mut registry) {
-        eprintln!("event-processor: {e}");
+        fail(&e.to_string());
         return ExitCode::FAILURE;
     }
     match event_processor::replay::replay_dead_letters(config, registry, handler, token).await {
@@ -93,19 +98,35 @@ async fn replay(handler: Option<String>) -> ExitCode {
     }
 }
 
+/// Probes the liveness endpoint of the daemon on this host. Reads only `HTTP_PORT` and `HTTP_BIND_ADDRESS`: a
+/// probe needs no Kafka or MongoDB settings.
 async fn healthcheck() -> ExitCode {
-    let port = std::env::var("HTTP_PORT")
-        .ok()
-        .and_then(|p| p.parse::<u16>().ok())
-        .unwrap_or(9090);
-    match event_processor::http::probe(port, "/health/live").await {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let mut vars = vec![
+        ("KAFKA_BOOTSTRAP_SERVERS".to_string(), "unused".to_string()),
+        ("MONGODB_URI".to_string(), "mongodb://unused".to_string()),
+    ];
+    for name in ["HTTP_PORT", "HTTP_BIND_ADDRESS"] {
+        if let Some(v) = var(name) {
+            vars.push((name.to_string(), v));
+        }
+    }
+    let config = match Config::from_vars(vars) {
+        Ok(c) => c,
+        Err(e) => {
+            fail(&e.to_string());
+            return ExitCode::from(78);
+        }
+    };
+    let (host, port) = (config.http_probe_host(), config.http_port);
+    match event_processor::http::probe(&host, port, "/health/live").await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
-            eprintln!("not live");
+            fail("not live");
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("healthcheck on port {port} failed: {e}");
+            fail(&format!("healthcheck on {host}:{port} failed: {e}"));
             ExitCode::FAILURE
         }
     }

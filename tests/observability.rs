@@ -26,14 +26,18 @@ fn total(samples: &HashMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
-fn healthcheck(port: u16) -> bool {
-    Command::new(env!("CARGO_BIN_EXE_event-processor"))
+/// Runs `event-processor healthcheck`: whether it passed, and what it printed.
+fn healthcheck(port: u16) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_event-processor"))
         .arg("healthcheck")
         .env_clear()
         .env("HTTP_PORT", port.to_string())
-        .status()
-        .expect("running event-processor healthcheck")
-        .success()
+        .output()
+        .expect("running event-processor healthcheck");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,7 +60,7 @@ async fn metrics_and_health_report_what_the_daemon_did() {
         http_request(&base, "GET", "/health/live", None).await.0,
         200
     );
-    assert!(healthcheck(port), "the healthcheck subcommand passes");
+    assert!(healthcheck(port).0, "the healthcheck subcommand passes");
 
     // The commits' answers come back: the loop's own commits are timed (the last one, at shutdown, has not run).
     let topic = format!("topic=\"{}\"", env.topic);
@@ -118,9 +122,10 @@ async fn metrics_and_health_report_what_the_daemon_did() {
     .await;
 
     assert!(daemon.terminate().success());
+    let (passed, said) = healthcheck(port);
     assert!(
-        !healthcheck(port),
-        "the healthcheck fails once the daemon is gone"
+        !passed && said.contains("Connection refused"),
+        "the healthcheck fails once the daemon is gone, and says why: {said}"
     );
 }
 

@@ -41,11 +41,17 @@ impl Proc {
 
     /// With extra (or overriding) environment variables.
     pub fn start_with(env: &TestEnv, name: &str, vars: &[(&str, &str)]) -> Proc {
+        Self::command(env, name, &["run"], vars)
+    }
+
+    /// Any subcommand (`run`, `replay-dlq`, `healthcheck`) with the test's settings and `vars`; its output goes
+    /// to its log like the daemon's.
+    pub fn command(env: &TestEnv, name: &str, args: &[&str], vars: &[(&str, &str)]) -> Proc {
         std::fs::create_dir_all(log_path(name).parent().unwrap()).unwrap();
         let log = std::fs::File::create(log_path(name)).unwrap();
         let child =
             Command::new(env!("CARGO_BIN_EXE_event-processor"))
-                .arg("run")
+                .args(args)
                 .env_clear()
                 .env("KAFKA_BOOTSTRAP_SERVERS", &env.kafka)
                 .env("MONGODB_URI", &env.mongo_uri)
@@ -76,6 +82,18 @@ impl Proc {
             child,
             name: name.to_string(),
         }
+    }
+
+    /// Waits for the process to end by itself, at most `timeout`; its exit status, `None` if still running.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        None
     }
 
     /// The exit status, once the process has ended by itself.
