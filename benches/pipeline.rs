@@ -465,7 +465,7 @@ async fn server_ceiling(env: &Env, records: &[(String, String)]) -> anyhow::Resu
     let db_name = fresh(env, "ceiling");
     let client = mongodb::Client::with_uri_str(&env.mongo).await?;
     let db = client.database(&db_name);
-    event_processor::handlers::ensure_indexes(&db).await?;
+    event_processor::store::ensure_indexes(&db, shipped()?.indexes()).await?;
     let ctx = HandlerContext::new(db);
     let ctx = &ctx;
     let registry = shipped()?;
@@ -494,7 +494,7 @@ async fn per_event(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
     let db_name = fresh(env, "perevent");
     let client = mongodb::Client::with_uri_str(&env.mongo).await?;
     let db = client.database(&db_name);
-    event_processor::handlers::ensure_indexes(&db).await?;
+    event_processor::store::ensure_indexes(&db, shipped()?.indexes()).await?;
     let ctx = HandlerContext {
         db: db.clone(),
         writer: Writer::direct(db),

@@ -77,9 +77,15 @@ pub async fn run_with_registry(
         .await
         .with_context(|| format!("parsing MONGODB_URI {}", config.mongodb_uri))?;
     let db = client.database(&config.mongodb_database);
-    // MongoDB may come up after us: wait for it rather than fail, readiness says why we are not ready.
+    // MongoDB may come up after us: wait for it rather than fail, readiness says why we are not ready. Only the
+    // registered handlers' indexes are created.
+    let indexes = registry.indexes();
     loop {
-        match handlers::ensure_indexes(&db).await {
+        let ready = async {
+            store::ping(&db).await?;
+            store::ensure_indexes(&db, indexes.clone()).await
+        };
+        match ready.await {
             Ok(()) => break,
             Err(e) if store::is_transient(&e) => {
                 warn!(error = %e, "MongoDB unreachable; waiting to create indexes");
@@ -110,6 +116,7 @@ pub async fn run_with_registry(
                 caught_up_at: Default::default(),
                 rejoin: Mutex::new(kafka::RejoinWatch::new(config.kafka_rejoin_timeout_ms)),
                 out_of_group: out_of_group.clone(),
+                missing_topics: Default::default(),
             },
         )
         .context("creating the Kafka consumer (KAFKA_BOOTSTRAP_SERVERS, KAFKA_TOPICS)")?,
@@ -348,7 +355,12 @@ impl Loop<'_> {
 
     async fn recv_error(&self, e: rdkafka::error::KafkaError) {
         metrics::counter!("event_processor_consumer_errors_total").increment(1);
-        warn!(error = %e, "Kafka consumer error");
+        if kafka::is_missing_topic(&e) {
+            // The consumer's context says it, once, and again only if the topic stays missing.
+            debug!(error = %e, "Kafka consumer error");
+        } else {
+            warn!(error = %e, "Kafka consumer error");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

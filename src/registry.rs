@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use mongodb::Database;
+use mongodb::{Database, IndexModel};
 
 use crate::event::OutboxEvent;
 use crate::writer::Writer;
@@ -62,6 +62,11 @@ pub trait EventHandler: Send + Sync {
     fn name(&self) -> &str;
     /// Applies the event. Return `Transient` when retrying can help, `Permanent` when it cannot.
     async fn handle(&self, event: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError>;
+    /// The indexes this handler's read models are queried by, as (collection, index). The daemon creates the
+    /// indexes of the handlers it runs at start-up (idempotently), and no others.
+    fn indexes(&self) -> Vec<(String, IndexModel)> {
+        Vec::new()
+    }
 }
 
 /// What every handler of an event type may rely on in the payload, checked once per event before any handler
@@ -257,6 +262,20 @@ impl Registry {
     /// The handler with this name, for dead-letter replays.
     pub fn by_name(&self, name: &str) -> Option<&Arc<dyn EventHandler>> {
         self.by_type.values().flatten().find(|h| h.name() == name)
+    }
+
+    /// The indexes every registered handler declares, each once.
+    pub fn indexes(&self) -> Vec<(String, IndexModel)> {
+        let mut out: Vec<(String, IndexModel)> = Vec::new();
+        for (collection, index) in self.by_type.values().flatten().flat_map(|h| h.indexes()) {
+            let seen = out
+                .iter()
+                .any(|(c, i)| *c == collection && i.keys == index.keys);
+            if !seen {
+                out.push((collection, index));
+            }
+        }
+        out
     }
 
     /// Every registered handler name, for start-up logs.

@@ -46,6 +46,19 @@ pub async fn connect(uri: &str, app_name: &str) -> Result<Client, MongoError> {
     Client::with_options(opts)
 }
 
+/// Creates the indexes the registered handlers declare. Idempotent; run at start-up.
+pub async fn ensure_indexes(
+    db: &Database,
+    indexes: Vec<(String, mongodb::IndexModel)>,
+) -> Result<(), MongoError> {
+    for (collection, index) in indexes {
+        db.collection::<Document>(&collection)
+            .create_index(index)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Whether the server answers a ping.
 pub async fn ping(db: &Database) -> Result<(), MongoError> {
     db.run_command(mongodb::bson::doc! { "ping": 1 })

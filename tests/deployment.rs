@@ -154,3 +154,19 @@ fn grafana_dashboard_queries_only_metrics_the_daemon_exports() {
     assert!(compose.contains("./deploy/grafana/provisioning:/etc/grafana/provisioning"));
     assert!(compose.contains("./deploy/grafana/dashboards:/var/lib/grafana/dashboards"));
 }
+
+#[test]
+fn readme_handler_example_is_the_compiled_example() {
+    let example = read("examples/order_placed.rs");
+    let part = example
+        .split("// README example: begin\n")
+        .nth(1)
+        .and_then(|rest| rest.split("// README example: end\n").next())
+        .expect("markers in examples/order_placed.rs");
+    assert!(part.contains("impl EventHandler for OrderPlacedHandler"));
+    let readme = read("README.md");
+    assert!(
+        readme.contains(&format!("```rust\n{part}```")),
+        "the README's handler example differs from examples/order_placed.rs"
+    );
+}

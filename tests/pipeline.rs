@@ -535,3 +535,58 @@ async fn replaying_dead_letters_reruns_only_the_failed_handler() {
     assert_eq!(again.replayed, 0);
     assert_eq!(fixed.load(Ordering::SeqCst), 1);
 }
+
+/// A handler that writes nothing and declares no index.
+struct Quiet;
+
+#[async_trait]
+impl EventHandler for Quiet {
+    fn event_type(&self) -> &str {
+        "UserCreated"
+    }
+    fn name(&self) -> &str {
+        "Quiet"
+    }
+    async fn handle(&self, _: &OutboxEvent, _: &HandlerContext) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+async fn index_names(env: &TestEnv, coll: &str) -> Vec<String> {
+    let names = env
+        .db
+        .collection::<mongodb::bson::Document>(coll)
+        .list_index_names()
+        .await
+        .unwrap_or_default();
+    names.into_iter().filter(|n| n != "_id_").collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_registered_handlers_indexes_are_created() {
+    let env = TestEnv::new("indexes", 1).await;
+    env.produce(&new_users(3, "idx")).await;
+    let mut registry = Registry::new();
+    registry.register(Arc::new(Quiet)).unwrap();
+    let daemon = env.start_with(registry, &[]);
+    wait_committed(&env, 1, 3, WAIT).await;
+    daemon.stop().await;
+    for coll in ["users", "activities", "user_statistics"] {
+        assert_eq!(
+            index_names(&env, coll).await,
+            Vec::<String>::new(),
+            "{coll}"
+        );
+    }
+    // The shipped handlers bring theirs.
+    let shipped = env.clone_with_new_group();
+    let daemon = shipped.start(&[]);
+    wait_committed(&shipped, 1, 3, WAIT).await;
+    daemon.stop().await;
+    assert_eq!(index_names(&env, "users").await, ["email_1"]);
+    assert_eq!(index_names(&env, "activities").await, ["organizer_id_1"]);
+    assert_eq!(
+        index_names(&env, "user_statistics").await,
+        ["kind_1_date_1"]
+    );
+}

@@ -5,6 +5,8 @@ use async_trait::async_trait;
 use mongodb::bson::doc;
 
 use super::{ACTIVITIES, not_newer_than, occurred_at, payload_fields, payload_object, required};
+use mongodb::IndexModel;
+
 use crate::event::OutboxEvent;
 use crate::registry::{EventHandler, HandlerContext, HandlerError};
 use crate::store::guarded_upsert;
@@ -20,6 +22,10 @@ impl EventHandler for ActivityCreatedHandler {
 
     fn name(&self) -> &str {
         "ActivityCreatedHandler"
+    }
+
+    fn indexes(&self) -> Vec<(String, IndexModel)> {
+        vec![super::index(ACTIVITIES, doc! { "organizer_id": 1 })]
     }
 
     async fn handle(&self, event: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {

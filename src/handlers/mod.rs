@@ -11,8 +11,8 @@ mod users;
 
 use std::sync::Arc;
 
+use mongodb::IndexModel;
 use mongodb::bson::{Bson, DateTime, Document, doc};
-use mongodb::{Database, IndexModel};
 use serde_json::{Map, Value};
 
 pub use activities::ActivityCreatedHandler;
@@ -54,30 +54,16 @@ pub fn register_all(registry: &mut Registry) -> Result<(), RegistryError> {
     Ok(())
 }
 
-/// Creates the indexes the read models are queried by. Idempotent; run at start-up.
-pub async fn ensure_indexes(db: &Database) -> Result<(), mongodb::error::Error> {
-    db.collection::<Document>(USERS)
-        .create_index(IndexModel::builder().keys(doc! { "email": 1 }).build())
-        .await?;
-    db.collection::<Document>(ACTIVITIES)
-        .create_index(
-            IndexModel::builder()
-                .keys(doc! { "organizer_id": 1 })
-                .build(),
-        )
-        .await?;
-    db.collection::<Document>(USER_STATISTICS)
-        .create_index(
-            IndexModel::builder()
-                .keys(doc! { "kind": 1, "date": 1 })
-                .build(),
-        )
-        .await?;
-    Ok(())
+/// An index on `keys` of `collection`, as handlers declare them (`EventHandler::indexes`).
+pub fn index(collection: &str, keys: Document) -> (String, IndexModel) {
+    (
+        collection.to_string(),
+        IndexModel::builder().keys(keys).build(),
+    )
 }
 
 /// The payload as a JSON object, or a permanent error naming the event type.
-pub(crate) fn payload_object(event: &OutboxEvent) -> Result<&Map<String, Value>, HandlerError> {
+pub fn payload_object(event: &OutboxEvent) -> Result<&Map<String, Value>, HandlerError> {
     event.payload.as_object().ok_or_else(|| {
         HandlerError::invalid(format!(
             "{} payload must be a JSON object",
@@ -87,7 +73,7 @@ pub(crate) fn payload_object(event: &OutboxEvent) -> Result<&Map<String, Value>,
 }
 
 /// A required, non-empty string field of the payload.
-pub(crate) fn required<'a>(
+pub fn required<'a>(
     payload: &'a Map<String, Value>,
     event: &OutboxEvent,
     field: &str,
@@ -103,7 +89,7 @@ pub(crate) fn required<'a>(
 
 /// The payload's fields as a `$set` document. Unknown fields are kept; names MongoDB cannot take as an update
 /// path (empty, `$`-prefixed, dotted, `_id`) are kept under `extra_fields` as key/value pairs instead.
-pub(crate) fn payload_fields(payload: &Map<String, Value>) -> Result<Document, HandlerError> {
+pub fn payload_fields(payload: &Map<String, Value>) -> Result<Document, HandlerError> {
     let mut set = Document::new();
     let mut extra = Vec::new();
     for (k, v) in payload {
@@ -120,18 +106,18 @@ pub(crate) fn payload_fields(payload: &Map<String, Value>) -> Result<Document, H
     Ok(set)
 }
 
-pub(crate) fn to_bson(v: &Value) -> Result<Bson, HandlerError> {
+pub fn to_bson(v: &Value) -> Result<Bson, HandlerError> {
     mongodb::bson::to_bson(v).map_err(|e| HandlerError::invalid(format!("payload value: {e}")))
 }
 
 /// When the event happened, as a BSON date: the state-ordering guards compare it.
-pub(crate) fn occurred_at(event: &OutboxEvent) -> DateTime {
+pub fn occurred_at(event: &OutboxEvent) -> DateTime {
     DateTime::from_millis(event.occurred_at_ms())
 }
 
 /// Filter that matches a document whose `field` is absent or not newer than `at`: a stale event never
 /// overwrites newer state. (`$not: {$gt}` rather than an `$or` of `$exists`/`$lte`: same documents, but servers
 /// keep using the `_id` index for it.)
-pub(crate) fn not_newer_than(id: &str, field: &str, at: DateTime) -> Document {
+pub fn not_newer_than(id: &str, field: &str, at: DateTime) -> Document {
     doc! { "_id": id, field: { "$not": { "$gt": at } } }
 }

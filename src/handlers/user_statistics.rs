@@ -22,6 +22,8 @@ use futures::TryStreamExt;
 use mongodb::bson::{Bson, Document, doc};
 
 use super::{USER_STATISTICS, occurred_at};
+use mongodb::IndexModel;
+
 use crate::event::OutboxEvent;
 use crate::registry::{EventHandler, HandlerContext, HandlerError};
 use crate::store::{classify, guarded_upsert};
@@ -155,6 +157,10 @@ impl EventHandler for UserStatisticsHandler {
 
     fn name(&self) -> &str {
         "UserStatisticsHandler"
+    }
+
+    fn indexes(&self) -> Vec<(String, IndexModel)> {
+        vec![super::index(USER_STATISTICS, doc! { "kind": 1, "date": 1 })]
     }
 
     async fn handle(&self, event: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {

@@ -4,6 +4,8 @@ use async_trait::async_trait;
 use mongodb::bson::doc;
 
 use super::{USERS, not_newer_than, occurred_at, payload_fields, payload_object, required};
+use mongodb::IndexModel;
+
 use crate::event::OutboxEvent;
 use crate::registry::{EventHandler, HandlerContext, HandlerError};
 use crate::store::guarded_upsert;
@@ -19,6 +21,10 @@ impl EventHandler for UserCreatedHandler {
 
     fn name(&self) -> &str {
         "UserCreatedHandler"
+    }
+
+    fn indexes(&self) -> Vec<(String, IndexModel)> {
+        vec![super::index(USERS, doc! { "email": 1 })]
     }
 
     async fn handle(&self, event: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {

@@ -38,6 +38,55 @@ pub struct ProcessorContext {
     pub rejoin: Mutex<RejoinWatch>,
     /// Cancelled once [`RejoinWatch`] gives up: the loop ends and the process exits for a restart.
     pub out_of_group: tokio_util::sync::CancellationToken,
+    /// How long a subscribed topic has been missing.
+    pub missing_topics: Mutex<MissingTopic>,
+}
+
+/// A subscribed topic that does not exist is normal at first: a new deployment's connector creates its topic
+/// with the first outbox row. One INFO line says the consumer waits for it; only once it has stayed missing for
+/// [`MissingTopic::ERROR_AFTER`] is it an error, repeated at that interval while it lasts.
+#[derive(Debug, Default)]
+pub struct MissingTopic {
+    since: Option<Instant>,
+    last_error: Option<Instant>,
+}
+
+/// What to say about a missing topic now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MissingTopicLine {
+    Waiting,
+    StillMissing,
+    Quiet,
+}
+
+impl MissingTopic {
+    /// Five minutes: longer than a connector takes to start and snapshot an empty outbox, short enough that a
+    /// misspelt `KAFKA_TOPICS` does not go unnoticed.
+    pub const ERROR_AFTER: Duration = Duration::from_secs(300);
+
+    pub fn observe(&mut self, now: Instant) -> MissingTopicLine {
+        let since = *self.since.get_or_insert(now);
+        if since == now {
+            return MissingTopicLine::Waiting;
+        }
+        let due = self.last_error.map_or(since, |t| t) + Self::ERROR_AFTER;
+        if now >= due {
+            self.last_error = Some(now);
+            MissingTopicLine::StillMissing
+        } else {
+            MissingTopicLine::Quiet
+        }
+    }
+
+    /// The topic exists now (partitions were assigned).
+    pub fn clear(&mut self) {
+        *self = MissingTopic::default();
+    }
+}
+
+/// Whether a librdkafka error says a subscribed topic does not exist.
+pub fn is_missing_topic(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)
 }
 
 /// Watches, one statistics report at a time, for a consumer that does not get back into its group: its group's
@@ -148,6 +197,29 @@ impl ProcessorContext {
 }
 
 impl ClientContext for ProcessorContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if is_missing_topic(&error) {
+            let line = match self.missing_topics.lock() {
+                Ok(mut m) => m.observe(Instant::now()),
+                Err(_) => MissingTopicLine::StillMissing,
+            };
+            match line {
+                MissingTopicLine::Waiting => tracing::info!(
+                    reason,
+                    "Waiting for a subscribed topic to be created (a new deployment's connector creates it with the first outbox row)"
+                ),
+                MissingTopicLine::StillMissing => tracing::error!(
+                    reason,
+                    minutes = MissingTopic::ERROR_AFTER.as_secs() / 60,
+                    "A subscribed topic is still missing: check KAFKA_TOPICS and the connector"
+                ),
+                MissingTopicLine::Quiet => {}
+            }
+            return;
+        }
+        tracing::error!(error = %error, reason, "librdkafka error");
+    }
+
     fn stats(&self, stats: Statistics) {
         let now = crate::health::now_ms();
         self.watch_group(&stats, now);
@@ -242,6 +314,11 @@ impl ConsumerContext for ProcessorContext {
             Rebalance::Assign(tpl) => {
                 metrics::counter!("event_processor_rebalances_total", "kind" => "assign")
                     .increment(1);
+                if tpl.count() > 0
+                    && let Ok(mut m) = self.missing_topics.lock()
+                {
+                    m.clear();
+                }
                 self.health.add_assigned(tpl.count());
                 tracing::info!(partitions = ?tpl_to_vec(tpl), "Partitions assigned");
             }
@@ -421,6 +498,32 @@ mod tests {
         assert_eq!(cc.get("fetch.queue.backoff.ms"), Some("250"));
         assert_eq!(cc.get("queued.min.messages"), Some("500"));
         assert_eq!(cc.get("partition.assignment.strategy"), Some("range"));
+    }
+
+    #[test]
+    fn a_missing_topic_is_waited_for_then_an_error_every_interval() {
+        let mut m = MissingTopic::default();
+        let t0 = Instant::now();
+        assert_eq!(m.observe(t0), MissingTopicLine::Waiting);
+        assert_eq!(
+            m.observe(t0 + Duration::from_secs(1)),
+            MissingTopicLine::Quiet
+        );
+        let after = t0 + MissingTopic::ERROR_AFTER;
+        assert_eq!(m.observe(after), MissingTopicLine::StillMissing);
+        assert_eq!(
+            m.observe(after + Duration::from_secs(1)),
+            MissingTopicLine::Quiet
+        );
+        assert_eq!(
+            m.observe(after + MissingTopic::ERROR_AFTER),
+            MissingTopicLine::StillMissing
+        );
+        m.clear();
+        assert_eq!(
+            m.observe(after + Duration::from_secs(999)),
+            MissingTopicLine::Waiting
+        );
     }
 
     #[test]
