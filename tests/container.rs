@@ -217,10 +217,20 @@ async fn three_containers_share_six_partitions_and_apply_each_record_once() {
     require_engine_and_image();
     let env = TestEnv::new("image3", 6).await;
     let n = 600;
-    env.produce(&new_users(n, "img")).await;
     let containers: Vec<Container> = (0..3)
         .map(|i| Container::run(&env, &format!("ep-scale{i}"), &[("HTTP_PORT", "0")]))
         .collect();
+    // The group settles with partitions on every member, then the records come.
+    let assigned = |c: &Container| {
+        c.logs()
+            .lines()
+            .any(|l| l.contains("Partitions assigned") && l.contains(&env.topic))
+    };
+    wait_until("every container assigned partitions", WAIT, || async {
+        containers.iter().all(assigned)
+    })
+    .await;
+    env.produce(&new_users(n, "img")).await;
     wait_committed(&env, 6, n as i64, WAIT).await;
     assert_eq!(env.count("users", doc! {}).await, n as u64);
     let totals = env
