@@ -200,3 +200,30 @@ async fn a_consumer_kept_out_of_its_group_exits_after_the_rejoin_timeout() {
     );
     drop(holder);
 }
+
+/// `LOG_FORMAT=pretty` is for people: colour codes only on a terminal, never in a redirected file.
+#[test]
+fn pretty_logs_written_to_a_file_carry_no_colour_codes() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_event-processor"))
+        .env_clear()
+        .env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+        .env("MONGODB_URI", "mongodb://127.0.0.1:1")
+        .env("HTTP_PORT", "0")
+        .env("LOG_FORMAT", "pretty")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the binary");
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().expect("the binary's output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Starting event-processor"), "{text}");
+    assert!(!text.contains('\u{1b}'), "colour codes in a file: {text}");
+}
