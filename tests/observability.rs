@@ -204,7 +204,7 @@ async fn a_consumer_kept_out_of_its_group_exits_after_the_rejoin_timeout() {
 /// `LOG_FORMAT=pretty` is for people: colour codes only on a terminal, never in a redirected file.
 #[test]
 fn pretty_logs_written_to_a_file_carry_no_colour_codes() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_event-processor"))
+    let child = Command::new(env!("CARGO_BIN_EXE_event-processor"))
         .env_clear()
         .env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
         .env("MONGODB_URI", "mongodb://127.0.0.1:1")
