@@ -430,8 +430,9 @@ async fn bare_consume(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
 
 /// The daemon's pipeline over the topic's `records` with `base`'s handlers (`calls` handler calls in all, see
 /// [`calls`]), from its first handler call to its last.
-/// `ledger`: whether events go through the event ledger (a MongoDB statement each); the no-op ceiling measures the
-/// consumer without any storage, so it runs without.
+/// `ledger`: false runs the daemon without the event ledger (a MongoDB statement per event): the no-op ceiling
+/// measures the consumer without any storage. True leaves the configuration's setting (on unless
+/// `BENCH_DAEMON_EVENT_LEDGER=false`).
 async fn pipeline(
     env: &Env,
     topic: &str,
@@ -445,7 +446,7 @@ async fn pipeline(
     log_in_process(env)?;
     let token = CancellationToken::new();
     let mut config = daemon_config(env, topic, &db)?;
-    config.event_ledger = ledger;
+    config.event_ledger &= ledger;
     let daemon = tokio::spawn(event_processor::run_with_registry(
         config,
         registry,
