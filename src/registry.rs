@@ -102,7 +102,7 @@ impl PayloadContract {
             return Err(format!(
                 "{} payload must be a JSON object, not {}",
                 event.event_type,
-                kind_of(&event.payload)
+                crate::decode::shape_of(&event.payload)
             ));
         };
         for field in &self.required_strings {
@@ -117,18 +117,6 @@ impl PayloadContract {
             }
         }
         Ok(())
-    }
-}
-
-fn kind_of(v: &serde_json::Value) -> &'static str {
-    use serde_json::Value;
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

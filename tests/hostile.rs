@@ -37,15 +37,19 @@ impl EventHandler for Counting {
     }
     async fn handle(&self, event: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {
         let result = self.inner.handle(event, ctx).await;
-        if result.is_err() {
-            *self
-                .failures
-                .lock()
-                .unwrap()
-                .entry(event.event_id.clone())
-                .or_default() += 1;
-        }
+        count_failure(&self.failures, event, &result);
         result
+    }
+}
+
+/// Counts a failed attempt of `event` when `result` is one.
+fn count_failure(failures: &Failures, event: &OutboxEvent, result: &Result<(), HandlerError>) {
+    if result.is_err() {
+        *failures
+            .lock()
+            .unwrap()
+            .entry(event.event_id.clone())
+            .or_default() += 1;
     }
 }
 
@@ -512,14 +516,7 @@ impl EventHandler for DateWriter {
             doc! { "$set": { "at": mongodb::bson::DateTime::from_millis(ms), "event_id": &event.event_id } },
         )
         .await;
-        if result.is_err() {
-            *self
-                .failures
-                .lock()
-                .unwrap()
-                .entry(event.event_id.clone())
-                .or_default() += 1;
-        }
+        count_failure(&self.failures, event, &result);
         result
     }
 }
@@ -568,32 +565,6 @@ async fn a_statement_the_server_refuses_is_charged_to_its_record_alone() {
         header(&letters[0], "dlq.error.class").as_deref(),
         Some("handler.permanent")
     );
-}
-
-/// The records of one captured fixture variant, as captured (key, value, headers, Kafka timestamp).
-fn fixture(variant: &str) -> Vec<Rec> {
-    let path = format!(
-        "{}/src/decode/fixtures/{variant}.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    doc["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| Rec {
-            key: r["key"].as_str().map(|s| s.as_bytes().to_vec()),
-            value: r["value"].as_str().map(|s| s.as_bytes().to_vec()),
-            headers: r["headers"]
-                .as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-                .collect(),
-            partition: None,
-            timestamp: r["timestamp"].as_i64(),
-        })
-        .collect()
 }
 
 /// The user id of the captured run the `fxcap` variants share.

@@ -15,10 +15,10 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// Every record captured from the real Debezium in `src/decode/fixtures`, variant by variant.
+/// Every record captured from the real Debezium in `src/decode/fixtures`, variant by variant, as captured (the
+/// envelope variant's only event time is its Kafka timestamp).
 fn fixture_records() -> Vec<Rec> {
-    let mut out = Vec::new();
-    for variant in [
+    [
         "raw_json",
         "raw_schema",
         "router_json",
@@ -26,30 +26,10 @@ fn fixture_records() -> Vec<Rec> {
         "router_string",
         "router_envelope",
         "router_expanded",
-    ] {
-        let path = format!(
-            "{}/src/decode/fixtures/{variant}.json",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let doc: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        for r in doc["records"].as_array().unwrap() {
-            out.push(Rec {
-                key: r["key"].as_str().map(|s| s.as_bytes().to_vec()),
-                value: r["value"].as_str().map(|s| s.as_bytes().to_vec()),
-                headers: r["headers"]
-                    .as_object()
-                    .unwrap()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-                    .collect(),
-                partition: None,
-                // As captured: the envelope variant's only event time is its Kafka timestamp.
-                timestamp: r["timestamp"].as_i64(),
-            });
-        }
-    }
-    out
+    ]
+    .iter()
+    .flat_map(|variant| fixture(variant))
+    .collect()
 }
 
 fn fixture_ids() -> (String, String, String) {

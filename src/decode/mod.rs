@@ -653,7 +653,8 @@ fn in_range(ms: i64) -> Result<i64, ()> {
     }
 }
 
-fn shape_of(v: &Value) -> &'static str {
+/// What kind of JSON value `v` is, in words ("an object", "null"), for error messages.
+pub fn shape_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -328,6 +328,34 @@ impl Rec {
     }
 }
 
+/// The records of one fixture variant captured from the real Debezium (`src/decode/fixtures/<variant>.json`), as
+/// captured: key, value, headers and Kafka timestamp.
+pub fn fixture(variant: &str) -> Vec<Rec> {
+    let path = format!(
+        "{}/src/decode/fixtures/{variant}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    doc["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| Rec {
+            key: r["key"].as_str().map(|s| s.as_bytes().to_vec()),
+            value: r["value"].as_str().map(|s| s.as_bytes().to_vec()),
+            headers: r["headers"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                .collect(),
+            partition: None,
+            timestamp: r["timestamp"].as_i64(),
+        })
+        .collect()
+}
+
 /// A raw Debezium change event (JsonConverter, no schemas) for an outbox row, as the shipped connector emits.
 pub fn change_event(
     op: &str,
