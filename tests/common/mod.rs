@@ -257,6 +257,17 @@ impl TestEnv {
             .expect("find_one")
     }
 
+    /// `user_statistics`' `total_users`, whichever integer width the server stored it in; `None` without a
+    /// `totals` document.
+    pub async fn total_users(&self) -> Option<i64> {
+        let totals = self
+            .find_one("user_statistics", doc! { "_id": "totals" })
+            .await?;
+        totals
+            .get("total_users")
+            .and_then(|v| v.as_i64().or(v.as_i32().map(i64::from)))
+    }
+
     /// Every document of the shipped read models, sorted, for before/after comparisons.
     pub async fn snapshot(&self) -> Vec<(String, Vec<Document>)> {
         let mut out = Vec::new();
