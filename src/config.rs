@@ -121,7 +121,8 @@ pub struct Config {
     /// and exits for its supervisor to restart it; 0 disables. librdkafka can fail to rejoin after a broker restart.
     #[serde(default = "d::rejoin_timeout_ms")]
     pub kafka_rejoin_timeout_ms: u64,
-    /// Static group membership: a stable id per instance (e.g. the host name) avoids a rebalance on restart.
+    /// Static group membership: a stable id per instance avoids a rebalance on restart; `{hostname}` in it is
+    /// replaced by the host name (a container's, which survives a restart in place).
     #[serde(default)]
     pub kafka_group_instance_id: Option<String>,
     /// Records handed to the keyed lanes together: one `Batch done` log line each.

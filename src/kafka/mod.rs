@@ -384,7 +384,9 @@ fn consumer_config(config: &Config) -> ClientConfig {
         .as_deref()
         .filter(|s| !s.is_empty())
     {
-        cc.set("group.instance.id", id);
+        // `{hostname}` makes one setting serve every replica: a container keeps its host name when it is
+        // restarted in place, so it rejoins as the same member and takes its partitions back without a rebalance.
+        cc.set("group.instance.id", id.replace("{hostname}", &hostname()));
     }
     // librdkafka's `debug` contexts (`KAFKA_PROPERTY_DEBUG=cgrp,...`) log at debug level: let them through.
     cc.set_log_level(if config.kafka_properties.contains_key("debug") {
