@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -94,12 +93,7 @@ pub struct KafkaDeadLetters {
 
 impl KafkaDeadLetters {
     pub fn new(config: &Config) -> Result<Self, KafkaError> {
-        let mut cc = ClientConfig::new();
-        for (k, v) in &config.kafka_properties {
-            cc.set(k, v);
-        }
-        let producer: FutureProducer = cc
-            .set("bootstrap.servers", &config.kafka_bootstrap_servers)
+        let producer: FutureProducer = crate::kafka::client_config(config)
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", "15000")

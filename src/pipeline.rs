@@ -1,5 +1,5 @@
 //! Processing of one record: decode, fan out to handlers, retry, isolate, dead-letter. Owns the per-record
-//! contract of `DESIGN.md` section 4; never polls, orders or commits (`dispatch` runs records in keyed lanes,
+//! contract (docs/ARCHITECTURE.md); never polls, orders or commits (`dispatch` runs records in keyed lanes,
 //! the consumer loop in `app` commits).
 //!
 //! Within one event, every handler runs concurrently and fails alone.
@@ -346,35 +346,40 @@ impl Processor {
             handler_metrics
                 .duration
                 .record(started.elapsed().as_secs_f64());
-            let (class, err): (&str, String) = match call {
+            let (class, err): (FailureClass, String) = match call {
                 Ok(Ok(Ok(()))) => {
                     handler_metrics.ok.increment(1);
                     return HandlerOutcome::Ok;
                 }
-                Ok(Ok(Err(HandlerError::Transient(e)))) => ("transient", format!("{e:#}")),
+                Ok(Ok(Err(HandlerError::Transient(e)))) => {
+                    (FailureClass::Transient, format!("{e:#}"))
+                }
                 Ok(Err(_elapsed)) => (
-                    "transient",
+                    FailureClass::Transient,
                     format!("timed out after {:?}", self.settings.handler_timeout),
                 ),
-                Ok(Ok(Err(HandlerError::Permanent(e)))) => ("permanent", format!("{e:#}")),
-                Err(panic) => ("panic", panic_message(&panic)),
+                Ok(Ok(Err(HandlerError::Permanent(e)))) => {
+                    (FailureClass::Permanent, format!("{e:#}"))
+                }
+                Err(panic) => (FailureClass::Panic, panic_message(&panic)),
             };
-            metrics::counter!("event_processor_handler_results_total", "handler" => name.to_string(), "event_type" => event.event_type.clone(), "outcome" => class.to_string())
+            let class_name = class.as_str();
+            metrics::counter!("event_processor_handler_results_total", "handler" => name.to_string(), "event_type" => event.event_type.clone(), "outcome" => class_name)
                 .increment(1);
             if span.is_none() {
                 span = record_span(event);
             }
-            if class == "transient" {
+            if class == FailureClass::Transient {
                 // Never dead-lettered: the world, not the event, is at fault. The backoff restarts from the
                 // first failure of each outage.
                 span.in_scope(|| warn!(handler = name, attempt, error = %err, "Handler failed transiently; retrying"));
             } else {
                 failures += 1;
                 if failures >= self.settings.max_attempts {
-                    span.in_scope(|| error!(handler = name, attempts = attempt, error_class = class, error = %err, "Handler failed permanently; dead-lettering"));
+                    span.in_scope(|| error!(handler = name, attempts = attempt, error_class = class_name, error = %err, "Handler failed permanently; dead-lettering"));
                     let letter = DeadLetter {
                         record: msg,
-                        error_class: format!("handler.{class}"),
+                        error_class: format!("handler.{class_name}"),
                         error_message: err,
                         handler: Some(name),
                         event_id: Some(&event.event_id),
@@ -387,7 +392,7 @@ impl Processor {
                         HandlerOutcome::Abandoned
                     };
                 }
-                span.in_scope(|| warn!(handler = name, attempt, error_class = class, error = %err, "Handler failed; retrying"));
+                span.in_scope(|| warn!(handler = name, attempt, error_class = class_name, error = %err, "Handler failed; retrying"));
             }
             if !self.sleep(backoff(&self.settings, attempt)).await {
                 return HandlerOutcome::Abandoned;
@@ -465,6 +470,26 @@ pub fn backoff(s: &ProcessingSettings, attempt: u32) -> Duration {
     let capped = exp.min(s.max_backoff);
     let half = capped / 2;
     half + half.mul_f64(fastrand::f64())
+}
+
+/// How a handler call failed: a transient failure is retried without limit, a permanent one or a panic a
+/// bounded number of times before its event is dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureClass {
+    Transient,
+    Permanent,
+    Panic,
+}
+
+impl FailureClass {
+    /// The name in metrics, logs and the dead letter's `handler.*` class.
+    fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Transient => "transient",
+            FailureClass::Permanent => "permanent",
+            FailureClass::Panic => "panic",
+        }
+    }
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {

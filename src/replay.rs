@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::kafka::client_config;
 use anyhow::Context;
-use rdkafka::ClientConfig;
 use rdkafka::Timestamp;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -223,16 +223,6 @@ pub async fn replay_dead_letters(
     }
     info!(?stats, group, "Dead-letter replay finished");
     Ok(stats)
-}
-
-/// librdkafka settings of the replay's clients: the pass-through properties and the brokers.
-fn client_config(config: &Config) -> ClientConfig {
-    let mut cc = ClientConfig::new();
-    for (k, v) in &config.kafka_properties {
-        cc.set(k, v);
-    }
-    cc.set("bootstrap.servers", &config.kafka_bootstrap_servers);
-    cc
 }
 
 /// Reads a dead letter's original record back from its topic, partition and offset: the letter was written

@@ -33,19 +33,12 @@ pub enum WriteError {
     Closed,
 }
 
-/// What one statement did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StatementResult {
-    /// The statement inserted a new document.
-    pub upserted: bool,
-}
-
 struct Op {
     collection: String,
     /// Serialized once, when queued: its size bounds the command, and a command is built from these bytes.
     statement: RawDocumentBuf,
     bytes: usize,
-    reply: oneshot::Sender<Result<StatementResult, WriteError>>,
+    reply: oneshot::Sender<Result<(), WriteError>>,
 }
 
 /// A handle for queueing update statements. Cheap to clone.
@@ -85,7 +78,7 @@ impl Writer {
         filter: Document,
         update: Document,
         upsert: bool,
-    ) -> Result<StatementResult, WriteError> {
+    ) -> Result<(), WriteError> {
         let statement = doc! { "q": filter, "u": update, "upsert": upsert, "multi": false };
         let statement = RawDocumentBuf::from_document(&statement).map_err(|e| {
             WriteError::Statement {
@@ -191,8 +184,8 @@ async fn send(db: &Database, collection: String, mut ops: Vec<Op>) {
     let mut errors: HashMap<usize, WriteError> = HashMap::new();
     if let Ok(list) = reply.get_array("writeErrors") {
         for we in list.iter().filter_map(Bson::as_document) {
-            let index = int(we.get("index")).unwrap_or(-1);
-            let code = int(we.get("code")).unwrap_or(0) as i32;
+            let index = bson_int(we.get("index")).unwrap_or(-1);
+            let code = bson_int(we.get("code")).unwrap_or(0) as i32;
             let message = we.get_str("errmsg").unwrap_or_default().to_string();
             if index >= 0 {
                 errors.insert(index as usize, WriteError::Statement { code, message });
@@ -203,30 +196,21 @@ async fn send(db: &Database, collection: String, mut ops: Vec<Op>) {
         .get_document("writeConcernError")
         .ok()
         .map(|w| WriteError::Statement {
-            code: int(w.get("code")).unwrap_or(64) as i32,
+            code: bson_int(w.get("code")).unwrap_or(64) as i32,
             message: w.get_str("errmsg").unwrap_or_default().to_string(),
         });
-    let mut upserted = vec![false; n];
-    if let Ok(list) = reply.get_array("upserted") {
-        for u in list.iter().filter_map(Bson::as_document) {
-            if let Some(i) = int(u.get("index")).filter(|i| *i >= 0 && (*i as usize) < n) {
-                upserted[i as usize] = true;
-            }
-        }
-    }
     for (i, r) in replies.enumerate() {
         let result = match (errors.remove(&i), &concern) {
             (Some(e), _) => Err(e),
             (None, Some(c)) => Err(c.clone()),
-            (None, None) => Ok(StatementResult {
-                upserted: upserted[i],
-            }),
+            (None, None) => Ok(()),
         };
         let _ = r.send(result);
     }
 }
 
-fn int(b: Option<&Bson>) -> Option<i64> {
+/// A number MongoDB returned, whichever BSON type it chose for it.
+pub fn bson_int(b: Option<&Bson>) -> Option<i64> {
     match b? {
         Bson::Int32(i) => Some(i64::from(*i)),
         Bson::Int64(i) => Some(*i),

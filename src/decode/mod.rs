@@ -1,5 +1,5 @@
 //! Turns one Kafka record into an [`OutboxEvent`], a reason to skip it, or an error that says why it cannot be
-//! read. Owns every Debezium record shape the daemon accepts (see `DESIGN.md` section 3); never touches the
+//! read. Owns every Debezium record shape the daemon accepts (see docs/ARCHITECTURE.md); never touches the
 //! network and never panics on input.
 //!
 //! Accepted shapes:

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use mongodb::bson::{Bson, Document, doc};
+use mongodb::bson::{Document, doc};
 
 use super::{USER_STATISTICS, occurred_at};
 use mongodb::IndexModel;
@@ -27,6 +27,7 @@ use mongodb::IndexModel;
 use crate::event::OutboxEvent;
 use crate::registry::{EventHandler, HandlerContext, HandlerError};
 use crate::store::{classify, guarded_upsert};
+use crate::writer::bson_int;
 
 /// `_id` of the document holding `total_users`.
 pub const TOTALS_ID: &str = "totals";
@@ -53,12 +54,7 @@ fn bucket_of(event_id: &str) -> String {
 }
 
 fn number(d: &Document, key: &str) -> i64 {
-    match d.get(key) {
-        Some(Bson::Int32(n)) => i64::from(*n),
-        Some(Bson::Int64(n)) => *n,
-        Some(Bson::Double(n)) => *n as i64,
-        _ => 0,
-    }
+    bson_int(d.get(key)).unwrap_or(0)
 }
 
 /// The documents of `user_statistics` with these ids, projected.

@@ -340,15 +340,22 @@ pub fn create_consumer(config: &Config, context: ProcessorContext) -> KafkaResul
     Ok(consumer)
 }
 
-/// The consumer's librdkafka configuration: `KAFKA_PROPERTY_*` variables, then the properties the delivery
-/// guarantee needs, then defaults those variables did not set.
-fn consumer_config(config: &Config) -> ClientConfig {
+/// What every Kafka client of the daemon starts from (the consumer, the dead-letter producer, the replay's
+/// clients): the `KAFKA_PROPERTY_*` variables (security, tuning) and the brokers.
+pub fn client_config(config: &Config) -> ClientConfig {
     let mut cc = ClientConfig::new();
     for (k, v) in &config.kafka_properties {
         cc.set(k, v);
     }
-    cc.set("bootstrap.servers", &config.kafka_bootstrap_servers)
-        .set("group.id", &config.kafka_group_id)
+    cc.set("bootstrap.servers", &config.kafka_bootstrap_servers);
+    cc
+}
+
+/// The consumer's librdkafka configuration: the common client settings, then the properties the delivery
+/// guarantee needs, then defaults those variables did not set.
+fn consumer_config(config: &Config) -> ClientConfig {
+    let mut cc = client_config(config);
+    cc.set("group.id", &config.kafka_group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
