@@ -5,6 +5,8 @@ RUN apt-get update \
        libcurl4-openssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# Whole-program optimisation in one unit: a binary about a sixth smaller.
+ENV CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
 # The dependencies in a layer of their own, built against placeholder sources: a change to the sources rebuilds
 # only this crate. Only the daemon is built here, so the manifest's test, bench and example targets (whose files
 # are not copied in) are left out of it.
@@ -14,20 +16,19 @@ RUN awk '/^\[/ { skip = ($0 ~ /^\[\[(test|bench|example)\]\]/) } !skip' Cargo.to
     && mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && cargo build --release --locked --bin event-processor \
+    && cargo build --release --locked --features static-ssl --bin event-processor \
     && rm -rf src
 COPY src ./src
 # The placeholders' build products are older than the real sources: cargo rebuilds the crate, not the rest.
 RUN touch src/lib.rs src/main.rs \
-    && cargo build --release --locked --bin event-processor \
+    && cargo build --release --locked --features static-ssl --bin event-processor \
     && strip target/release/event-processor
 
 FROM debian:bookworm-slim
-# The binary links OpenSSL, zlib and glibc (librdkafka's zstd is built in); CA certificates for TLS to brokers.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libssl3 ca-certificates \
-    && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt/* /var/log/dpkg.log \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+# The binary needs only glibc and zlib from the base (OpenSSL and zstd are linked in), and the CA certificates for
+# TLS to brokers, taken from the builder: Debian's ca-certificates package would bring the openssl tools along.
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+COPY --from=builder /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY --from=builder /src/target/release/event-processor /usr/local/bin/event-processor
 USER 10001
 ENV LOG_FORMAT=json HTTP_PORT=9090

@@ -77,7 +77,17 @@ fn compose_event_processor_can_be_scaled() {
         partitions >= 3,
         "{partitions} partitions cannot feed three consumers"
     );
-    let topics = ep["environment"]["KAFKA_TOPICS"].as_str().unwrap();
+    // The topic the daemon reads: set in the compose file, or else .env's (its default, in .env.example).
+    let topics = ep["environment"]["KAFKA_TOPICS"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| {
+            env_example()
+                .into_iter()
+                .find(|(k, _)| k == "KAFKA_TOPICS")
+                .map(|(_, v)| v)
+        })
+        .unwrap();
     assert_eq!(topics, "postgres.activity.event_outbox");
     // Every variable the compose file passes is one the configuration reads.
     let known: BTreeSet<String> = env_example().into_iter().map(|(k, _)| k).collect();

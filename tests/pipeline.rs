@@ -297,6 +297,10 @@ async fn committed_offset_read_back_from_the_broker_is_last_plus_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_records_are_dead_lettered_and_the_partition_keeps_moving() {
     let env = TestEnv::new("poison", 1).await;
+    // A record over a broker's default 1 MB limit: the topics take 2 MiB whatever the broker's default.
+    for topic in [&env.topic, &env.dlq] {
+        set_topic_config(&env.kafka, topic, "max.message.bytes", "2097152").await;
+    }
     let ok_user = new_id();
     let mut big = change_event(
         "c",

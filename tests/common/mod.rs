@@ -90,7 +90,9 @@ mod containers {
     use testcontainers_modules::{kafka::apache, mongo::Mongo};
 
     pub async fn start() -> Result<Services, String> {
+        // The JVM image (apache/kafka), not the module's default GraalVM build (apache/kafka-native).
         let kafka = apache::Kafka::default()
+            .with_jvm_image()
             .with_tag("4.1.0")
             .start()
             .await
@@ -530,6 +532,14 @@ async fn send_all<'r>(
     failed
 }
 
+fn is_coordinator_starting(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::NotCoordinator | C::CoordinatorLoadInProgress | C::CoordinatorNotAvailable)
+    )
+}
+
 pub fn committed(kafka: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka)
@@ -543,9 +553,17 @@ pub fn committed(kafka: &str, group: &str, topic: &str, partitions: i32) -> Vec<
     }
     let out: Vec<Option<i64>> = {
         // Drop the list before the consumer: dropping a consumer while a list it returned is alive hangs.
-        let c = consumer
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .expect("committed_offsets");
+        // A broker that has just started answers NotCoordinator (or "loading") until its offsets topic is ready.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let c = loop {
+            match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline && is_coordinator_starting(&e) => {
+                    std::thread::sleep(Duration::from_millis(500))
+                }
+                Err(e) => panic!("committed_offsets: {e:?}"),
+            }
+        };
         c.elements()
             .iter()
             .map(|e| match e.offset() {
