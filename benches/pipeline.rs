@@ -994,10 +994,28 @@ async fn main() -> anyhow::Result<()> {
     out.insert("machine".into(), machine());
     // BENCH_ONLY=pipeline stops after the pipeline ceiling (for profiling it); BENCH_ONLY=mongodb measures only
     // the throughput with MongoDB; BENCH_ONLY=scaling only one against three processes (once each);
-    // BENCH_ONLY=memory only resident memory (at 100 events/s, and catching up on a backlog).
+    // BENCH_ONLY=memory only resident memory (at 100 events/s, and catching up on a backlog); BENCH_ONLY=latency
+    // only the latency at 20/s and 100/s.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let only_pipeline = only == "pipeline";
     let only_mongodb = only == "mongodb";
+    // BENCH_ONLY=latency: Kafka -> MongoDB latency at the low rates where waiting for more records would show
+    // (20/s and 100/s, 10 s of events each per repeat).
+    if only == "latency" {
+        let mut lat = serde_json::Map::new();
+        for rate in [20.0, 100.0] {
+            let count = (rate * 10.0) as usize;
+            eprintln!("[bench] Kafka -> MongoDB latency at {rate}/s, {count} events");
+            let mut runs = Vec::new();
+            for _ in 0..env.repeat {
+                let ms = latency(&env, false, count, rate).await?;
+                runs.push(json!({"p50_ms": pct(&ms, 50.0), "p99_ms": pct(&ms, 99.0), "p999_ms": pct(&ms, 99.9), "events": ms.len()}));
+            }
+            lat.insert(format!("kafka_{rate}_per_s"), summarize(runs));
+        }
+        println!("{}", serde_json::to_string_pretty(&Value::Object(lat))?);
+        return Ok(());
+    }
     if only == "scaling" {
         let records = workload(n_mongo);
         let (one, three) = (

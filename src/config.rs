@@ -108,7 +108,8 @@ pub struct Config {
     /// Records taken from the consumer per poll.
     #[serde(default = "d::hundred")]
     pub kafka_max_poll_records: usize,
-    /// How long a poll waits for more records once it has one, in milliseconds.
+    /// How long a poll waits for more records once it has one, in milliseconds. 0 takes what is already there:
+    /// under a backlog that is a full batch, at low load a record is not held back waiting for company.
     #[serde(default = "d::poll_linger_ms")]
     pub kafka_poll_linger_ms: u64,
     #[serde(default = "d::offset_reset")]
@@ -191,7 +192,7 @@ mod d {
         100
     }
     pub fn poll_linger_ms() -> u64 {
-        5
+        0
     }
     pub fn offset_reset() -> String {
         "earliest".into()
