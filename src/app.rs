@@ -327,7 +327,7 @@ impl Loop<'_> {
                             in_flight = self.dispatcher.in_flight(),
                             "In-flight limit reached; partitions paused"
                         );
-                        metrics::counter!("event_processor_backpressure_pauses_total").increment(1);
+                        metrics::counter!(crate::catalogue::BACKPRESSURE_PAUSES).increment(1);
                     }
                     Err(e) => warn!(error = %e, "Pausing partitions failed"),
                 }
@@ -354,7 +354,7 @@ impl Loop<'_> {
     }
 
     async fn recv_error(&self, e: rdkafka::error::KafkaError) {
-        metrics::counter!("event_processor_consumer_errors_total").increment(1);
+        metrics::counter!(crate::catalogue::CONSUMER_ERRORS).increment(1);
         if kafka::is_missing_topic(&e) {
             // The consumer's context says it, once, and again only if the topic stays missing.
             debug!(error = %e, "Kafka consumer error");

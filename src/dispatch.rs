@@ -162,7 +162,7 @@ impl Dispatcher {
                 work: Notify::new(),
                 closed,
                 in_flight: AtomicUsize::new(0),
-                in_flight_gauge: metrics::gauge!("event_processor_in_flight_records"),
+                in_flight_gauge: metrics::gauge!(crate::catalogue::IN_FLIGHT),
                 progress: Notify::new(),
                 totals: Counts::default(),
             }),
@@ -181,7 +181,7 @@ impl Dispatcher {
         if records.is_empty() {
             return BatchHandle(batch);
         }
-        metrics::histogram!("event_processor_batch_size").record(records.len() as f64);
+        metrics::histogram!(crate::catalogue::BATCH_SIZE).record(records.len() as f64);
         let generations: Vec<u64> = match self.inner.tracker.lock() {
             Ok(mut t) => records
                 .iter()
@@ -357,7 +357,7 @@ fn batch_done(batch: &Batch, last: &OwnedMessage, totals: Totals) {
     let s = batch.counts.stats(batch.records);
     if let Some(ts) = last.timestamp().to_millis() {
         let lag = (crate::health::now_ms() - ts).max(0) as f64 / 1000.0;
-        metrics::gauge!("event_processor_last_batch_lag_seconds").set(lag);
+        metrics::gauge!(crate::catalogue::LAST_BATCH_LAG).set(lag);
     }
     info!(
         batch_size = s.records,

@@ -29,7 +29,7 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
                 .and_then(|b| {
                     b.set_buckets_for_metric(
-                        Matcher::Full("event_processor_batch_size".into()),
+                        Matcher::Full(crate::catalogue::BATCH_SIZE.into()),
                         &[1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
                     )
                 })

@@ -27,6 +27,7 @@
 //! - [`health`], [`http`], [`telemetry`]: what operators see; [`replay`]: re-running dead letters.
 
 pub mod app;
+pub mod catalogue;
 pub mod config;
 pub mod decode;
 pub mod dispatch;

@@ -123,7 +123,7 @@ impl Processor {
             Err(e) => {
                 let (event_id, event_type) = crate::decode::identity(msg);
                 warn!(topic, partition, offset, event_id, event_type, error = %e, error_class = e.class(), "Undecodable record; dead-lettering it");
-                metrics::counter!("event_processor_records_total", "topic" => topic.to_string(), "outcome" => "undecodable")
+                metrics::counter!(crate::catalogue::RECORDS, "topic" => topic.to_string(), "outcome" => "undecodable")
                     .increment(1);
                 let letter = DeadLetter {
                     record: msg,
@@ -209,7 +209,7 @@ impl Processor {
                 }
                 Err(Refusal::Failed(e)) => e,
             };
-            metrics::counter!("event_processor_ledger_failures_total", "class" => if err.is_transient() { "transient" } else { "permanent" })
+            metrics::counter!(crate::catalogue::LEDGER_FAILURES, "class" => if err.is_transient() { "transient" } else { "permanent" })
                 .increment(1);
             if !err.is_transient() {
                 failures += 1;
@@ -238,7 +238,7 @@ impl Processor {
         why: String,
         attempts: u32,
     ) -> RecordOutcome {
-        metrics::counter!("event_processor_records_total", "topic" => event.source.topic.clone(), "outcome" => class.to_string())
+        metrics::counter!(crate::catalogue::RECORDS, "topic" => event.source.topic.clone(), "outcome" => class.to_string())
             .increment(1);
         let letter = DeadLetter {
             record: msg,
@@ -364,7 +364,7 @@ impl Processor {
                 Err(panic) => (FailureClass::Panic, panic_message(&panic)),
             };
             let class_name = class.as_str();
-            metrics::counter!("event_processor_handler_results_total", "handler" => name.to_string(), "event_type" => event.event_type.clone(), "outcome" => class_name)
+            metrics::counter!(crate::catalogue::HANDLER_RESULTS, "handler" => name.to_string(), "event_type" => event.event_type.clone(), "outcome" => class_name)
                 .increment(1);
             if span.is_none() {
                 span = record_span(event);
@@ -408,12 +408,12 @@ impl Processor {
             attempt += 1;
             match self.dead_letters.send(letter).await {
                 Ok(()) => {
-                    metrics::counter!("event_processor_dead_letters_total", "topic" => letter.record.topic().to_string(), "class" => letter.error_class.clone())
+                    metrics::counter!(crate::catalogue::DEAD_LETTERS, "topic" => letter.record.topic().to_string(), "class" => letter.error_class.clone())
                         .increment(1);
                     return true;
                 }
                 Err(e) => {
-                    metrics::counter!("event_processor_dead_letter_failures_total").increment(1);
+                    metrics::counter!(crate::catalogue::DEAD_LETTER_FAILURES).increment(1);
                     error!(topic = letter.record.topic(), partition = letter.record.partition(), offset = letter.record.offset(),
                         error = %e, attempt, "Dead-letter topic unavailable; the record stays uncommitted");
                 }
@@ -445,7 +445,7 @@ fn record_span(event: &OutboxEvent) -> Span {
 }
 
 fn count_skip(topic: &str, reason: &'static str) {
-    metrics::counter!("event_processor_records_skipped_total", "topic" => topic.to_string(), "reason" => reason)
+    metrics::counter!(crate::catalogue::RECORDS_SKIPPED, "topic" => topic.to_string(), "reason" => reason)
         .increment(1);
 }
 

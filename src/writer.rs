@@ -160,13 +160,13 @@ async fn send(db: &Database, collection: String, mut ops: Vec<Op>) {
     command.append("updates", updates);
     command.append("ordered", false);
     let result = db.run_raw_command(command).await;
-    metrics::histogram!("event_processor_mongodb_write_duration_seconds", "collection" => collection.clone())
+    metrics::histogram!(crate::catalogue::WRITE_DURATION, "collection" => collection.clone())
         .record(started.elapsed().as_secs_f64());
-    metrics::histogram!("event_processor_mongodb_write_statements").record(n as f64);
+    metrics::histogram!(crate::catalogue::WRITE_STATEMENTS).record(n as f64);
     let reply = match result {
         Ok(r) => r,
         Err(e) if n > 1 && !crate::store::is_transient(&e) => {
-            metrics::counter!("event_processor_mongodb_command_splits_total", "collection" => collection.clone())
+            metrics::counter!(crate::catalogue::COMMAND_SPLITS, "collection" => collection.clone())
                 .increment(1);
             let right = ops.split_off(n / 2);
             Box::pin(send(db, collection.clone(), ops)).await;

@@ -228,7 +228,7 @@ impl ClientContext for ProcessorContext {
                 if p.partition < 0 || p.consumer_lag < 0 {
                     continue;
                 }
-                metrics::gauge!("event_processor_consumer_lag_records",
+                metrics::gauge!(crate::catalogue::CONSUMER_LAG_RECORDS,
                     "topic" => topic.clone(), "partition" => partition.to_string())
                 .set(p.consumer_lag as f64);
                 let oldest = self
@@ -244,7 +244,7 @@ impl ClientContext for ProcessorContext {
                     c.get(&tp).copied()
                 });
                 if let Some(seconds) = lag_seconds(p.consumer_lag, oldest, caught_up_at, now) {
-                    metrics::gauge!("event_processor_consumer_lag_seconds",
+                    metrics::gauge!(crate::catalogue::CONSUMER_LAG_SECONDS,
                         "topic" => topic.clone(), "partition" => partition.to_string())
                     .set(seconds);
                 }
@@ -283,7 +283,7 @@ impl ConsumerContext for ProcessorContext {
                     self.drain(&revoked);
                 }
                 let kind = if lost { "lost" } else { "revoke" };
-                metrics::counter!("event_processor_rebalances_total", "kind" => kind).increment(1);
+                metrics::counter!(crate::catalogue::REBALANCES, "kind" => kind).increment(1);
                 let offsets = match self.tracker.lock() {
                     Ok(mut t) => t.revoke(&revoked),
                     Err(_) => Vec::new(),
@@ -312,8 +312,7 @@ impl ConsumerContext for ProcessorContext {
                 }
             }
             Rebalance::Assign(tpl) => {
-                metrics::counter!("event_processor_rebalances_total", "kind" => "assign")
-                    .increment(1);
+                metrics::counter!(crate::catalogue::REBALANCES, "kind" => "assign").increment(1);
                 if tpl.count() > 0
                     && let Ok(mut m) = self.missing_topics.lock()
                 {
@@ -323,8 +322,7 @@ impl ConsumerContext for ProcessorContext {
                 tracing::info!(partitions = ?tpl_to_vec(tpl), "Partitions assigned");
             }
             Rebalance::Error(e) => {
-                metrics::counter!("event_processor_rebalances_total", "kind" => "error")
-                    .increment(1);
+                metrics::counter!(crate::catalogue::REBALANCES, "kind" => "error").increment(1);
                 tracing::error!(error = %e, "Rebalance error");
             }
         }
@@ -416,12 +414,12 @@ pub fn spawn_commit(
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let res = to_tpl(&offsets).and_then(|tpl| c.commit(&tpl, CommitMode::Sync));
-        metrics::histogram!("event_processor_commit_duration_seconds")
+        metrics::histogram!(crate::catalogue::COMMIT_DURATION)
             .record(started.elapsed().as_secs_f64());
         match res {
             Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => Ok(()),
             Err(e) => {
-                metrics::counter!("event_processor_commit_failures_total").increment(1);
+                metrics::counter!(crate::catalogue::COMMIT_FAILURES).increment(1);
                 Err(e)
             }
             Ok(()) => Ok(()),

@@ -71,8 +71,8 @@ pub struct RecordMetrics {
 impl RecordMetrics {
     pub fn topic(&self, topic: &str) -> TopicMetrics {
         self.topics.get(topic, "", || TopicMetrics {
-            consumed: metrics::counter!("event_processor_records_consumed_total", "topic" => topic.to_string()),
-            processed: metrics::counter!("event_processor_records_total", "topic" => topic.to_string(), "outcome" => "processed"),
+            consumed: metrics::counter!(crate::catalogue::RECORDS_CONSUMED, "topic" => topic.to_string()),
+            processed: metrics::counter!(crate::catalogue::RECORDS, "topic" => topic.to_string(), "outcome" => "processed"),
         })
     }
 
@@ -92,8 +92,8 @@ impl RecordMetrics {
 
     pub fn handler(&self, handler: &str, event_type: &str) -> HandlerMetrics {
         self.handlers.get(handler, event_type, || HandlerMetrics {
-            duration: metrics::histogram!("event_processor_handler_duration_seconds", "handler" => handler.to_string()),
-            ok: metrics::counter!("event_processor_handler_results_total", "handler" => handler.to_string(), "event_type" => event_type.to_string(), "outcome" => "ok"),
+            duration: metrics::histogram!(crate::catalogue::HANDLER_DURATION, "handler" => handler.to_string()),
+            ok: metrics::counter!(crate::catalogue::HANDLER_RESULTS, "handler" => handler.to_string(), "event_type" => event_type.to_string(), "outcome" => "ok"),
         })
     }
 }
