@@ -403,10 +403,7 @@ impl Loop<'_> {
         if !self.commit_answered().await {
             return;
         }
-        let offsets = match self.tracker.lock() {
-            Ok(mut t) => t.committable(),
-            Err(_) => return,
-        };
+        let offsets = crate::lock(&self.tracker).committable();
         if offsets.is_empty() {
             return;
         }
@@ -437,9 +434,7 @@ impl Loop<'_> {
         match result {
             Ok(()) => {
                 debug!(offsets = ?c.offsets, "Offsets committed");
-                if let Ok(mut t) = self.tracker.lock() {
-                    t.committed(&c.offsets);
-                }
+                crate::lock(&self.tracker).committed(&c.offsets);
                 self.health.commit_result(true);
             }
             Err(e) => {
@@ -460,10 +455,7 @@ impl Loop<'_> {
             let _ = tokio::time::timeout_at(deadline, &mut c.task).await;
             self.commit = None;
         }
-        let offsets = match self.tracker.lock() {
-            Ok(mut t) => t.positions(),
-            Err(_) => return,
-        };
+        let offsets = crate::lock(&self.tracker).positions();
         let left = deadline
             .saturating_duration_since(tokio::time::Instant::now())
             .max(Duration::from_millis(500));
@@ -486,10 +478,7 @@ impl Loop<'_> {
 
     /// The partitions revoked since the last call.
     fn take_revoked(&self) -> Vec<Tp> {
-        self.revoked
-            .lock()
-            .map(|mut r| std::mem::take(&mut *r))
-            .unwrap_or_default()
+        std::mem::take(&mut *crate::lock(&self.revoked))
     }
 
     fn periodic_stats(&mut self) {

@@ -51,3 +51,11 @@ pub use app::{run, run_with_registry};
 pub use config::Config;
 pub use event::OutboxEvent;
 pub use registry::{EventHandler, HandlerContext, HandlerError, Registry};
+
+/// Locks a mutex of the daemon's bookkeeping. These locks guard only bookkeeping that cannot panic; a poisoned
+/// one means a bug, and carrying on with its state could commit past an unfinished record, so the caller fails
+/// loudly instead.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock()
+        .expect("a thread panicked while holding a bookkeeping lock")
+}

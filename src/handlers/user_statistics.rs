@@ -177,9 +177,7 @@ impl EventHandler for UserStatisticsHandler {
             },
         )
         .await?;
-        if let Ok(mut t) = self.touched.lock() {
-            t.insert(bucket);
-        }
+        crate::lock(&self.touched).insert(bucket);
 
         // Recount every time (even when the event was already counted): a crash between the bucket write
         // and the recount must not leave the derived counts behind for good. Concurrent events share one recomputation that
@@ -190,15 +188,12 @@ impl EventHandler for UserStatisticsHandler {
             return Ok(());
         }
         let start = self.issued.load(Ordering::SeqCst);
-        let buckets: Vec<String> = match self.touched.lock() {
-            Ok(mut t) => std::mem::take(&mut *t).into_iter().collect(),
-            Err(_) => Vec::new(),
-        };
+        let buckets: Vec<String> = std::mem::take(&mut *crate::lock(&self.touched))
+            .into_iter()
+            .collect();
         if let Err(e) = recount(ctx, buckets.clone()).await {
             // Not recounted: keep the buckets for the next recount.
-            if let Ok(mut t) = self.touched.lock() {
-                t.extend(buckets);
-            }
+            crate::lock(&self.touched).extend(buckets);
             return Err(e);
         }
         *covered = start;

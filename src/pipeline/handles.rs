@@ -64,7 +64,7 @@ pub struct RecordMetrics {
     topics: Handles<TopicMetrics>,
     handlers: Handles<HandlerMetrics>,
     /// Per event type, the handles of its handlers in the registry's order: made once, then read without a lock
-    /// (a lock taken by every handler call on both cores costs more than the lookup).
+    /// (a lock taken by every handler call would be contended by every worker thread).
     routes: OnceLock<HashMap<String, Vec<HandlerMetrics>>>,
 }
 
