@@ -60,4 +60,10 @@ catalogue! {
         "Times the partitions were paused because PROCESSING_MAX_IN_FLIGHT records were in flight.";
     CONSUMER_ERRORS = "event_processor_consumer_errors_total", "counter", [],
         "Errors the consumer returned while polling.";
+    MONGODB_COMMANDS = "event_processor_mongodb_commands_total", "counter", ["command"],
+        "Commands sent to MongoDB (round trips), from the driver's command monitoring.";
+    MONGODB_STATEMENTS = "event_processor_mongodb_statements_total", "counter", ["command"],
+        "Statements sent to MongoDB: a write command's updates, documents or deletes; 1 for any other command.";
+    MONGODB_BYTES = "event_processor_mongodb_command_bytes_total", "counter", ["command"],
+        "Bytes of the commands sent to MongoDB (BSON, as monitored).";
 }

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use mongodb::bson::Document;
 use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
+use mongodb::event::EventHandler;
+use mongodb::event::command::CommandEvent;
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 
@@ -43,7 +45,28 @@ pub async fn connect(uri: &str, app_name: &str) -> Result<Client, MongoError> {
         .get_or_insert(Duration::from_secs(5));
     opts.connect_timeout.get_or_insert(Duration::from_secs(5));
     opts.retry_writes.get_or_insert(true);
+    opts.command_event_handler = Some(EventHandler::callback(count_command));
     Client::with_options(opts)
+}
+
+/// Counts what is sent to MongoDB, from the driver's command monitoring: commands (round trips), statements and
+/// bytes, by command name. These do not depend on how fast the server is, so they show the MongoDB work per event
+/// on any deployment.
+fn count_command(event: CommandEvent) {
+    let CommandEvent::Started(started) = event else {
+        return;
+    };
+    let name = started.command_name;
+    // A write command's statements are its array of updates, documents or deletes; any other command is one.
+    let statements = ["updates", "documents", "deletes"]
+        .iter()
+        .find_map(|field| started.command.get_array(field).ok())
+        .map_or(1, Vec::len);
+    let bytes = mongodb::bson::to_vec(&started.command).map_or(0, |b| b.len());
+    metrics::counter!(crate::catalogue::MONGODB_COMMANDS, "command" => name.clone()).increment(1);
+    metrics::counter!(crate::catalogue::MONGODB_STATEMENTS, "command" => name.clone())
+        .increment(statements as u64);
+    metrics::counter!(crate::catalogue::MONGODB_BYTES, "command" => name).increment(bytes as u64);
 }
 
 /// Creates the indexes the registered handlers declare. Idempotent; run at start-up.

@@ -96,6 +96,26 @@ async fn metrics_and_health_report_what_the_daemon_did() {
             .filter(|k| k.contains("handler_duration"))
             .collect::<Vec<_>>()
     );
+    // What went to MongoDB, from the driver's command monitoring: 40 sign-ups are several statements each (user,
+    // statistics bucket, ledger), in fewer commands than statements (the writer coalesces), and bytes with them.
+    let commands = total(&page, "event_processor_mongodb_commands_total", &[]);
+    let updates = total(
+        &page,
+        "event_processor_mongodb_statements_total",
+        &["command=\"update\""],
+    );
+    let update_commands = total(
+        &page,
+        "event_processor_mongodb_commands_total",
+        &["command=\"update\""],
+    );
+    assert!(updates >= 80.0, "update statements: {updates}");
+    assert!(
+        update_commands >= 1.0 && update_commands < updates,
+        "update commands {update_commands} for {updates} statements"
+    );
+    assert!(commands >= update_commands);
+    assert!(total(&page, "event_processor_mongodb_command_bytes_total", &[]) > updates * 50.0);
     // Lag per partition, in records and in seconds, comes with librdkafka's statistics (every 5 s): both
     // partitions, caught up.
     let lag = |page: &HashMap<String, f64>, name: &str| {
