@@ -115,6 +115,15 @@ async fn metrics_and_health_report_what_the_daemon_did() {
         "update commands {update_commands} for {updates} statements"
     );
     assert!(commands >= update_commands);
+    let statements = total(&page, "event_processor_mongodb_statements_total", &[]);
+    let bytes = total(&page, "event_processor_mongodb_command_bytes_total", &[]);
+    println!(
+        "MongoDB work per 1,000 sign-ups (40 sent, start-up commands included): {:.0} commands, {:.0} statements, \
+         {:.0} KiB",
+        commands * 25.0,
+        statements * 25.0,
+        bytes * 25.0 / 1024.0
+    );
     assert!(total(&page, "event_processor_mongodb_command_bytes_total", &[]) > updates * 50.0);
     // Lag per partition, in records and in seconds, comes with librdkafka's statistics (every 5 s): both
     // partitions, caught up.
