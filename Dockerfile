@@ -7,13 +7,14 @@ RUN apt-get update \
 WORKDIR /src
 # Whole-program optimisation in one unit: a binary about a sixth smaller.
 ENV CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
-# The dependencies in a layer of their own, built against placeholder sources: a change to the sources rebuilds
-# only this crate. Only the daemon is built here, so the manifest's test, bench and example targets (whose files
-# are not copied in) are left out of it.
+# The dependencies in a layer of their own, built against placeholder sources: a change to src/ rebuilds only
+# this crate. The manifest names the test, bench and example targets, so their files come along (only the daemon
+# is built); a change to them rebuilds the dependencies too.
 COPY Cargo.toml Cargo.lock ./
-RUN awk '/^\[/ { skip = ($0 ~ /^\[\[(test|bench|example)\]\]/) } !skip' Cargo.toml > Cargo.daemon.toml \
-    && mv Cargo.daemon.toml Cargo.toml \
-    && mkdir -p src \
+COPY tests ./tests
+COPY benches ./benches
+COPY examples ./examples
+RUN mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
     && cargo build --release --locked --features static-ssl --bin event-processor \
