@@ -562,6 +562,16 @@ impl EventHandler for Probe {
     }
 }
 
+/// `env.repeat` latency runs, each summed up as its p50, p99 and p99.9 in milliseconds.
+async fn latency_runs(env: &Env, pg: bool, count: usize, rate: f64) -> anyhow::Result<Vec<Value>> {
+    let mut runs = Vec::new();
+    for _ in 0..env.repeat {
+        let ms = latency(env, pg, count, rate).await?;
+        runs.push(json!({"p50_ms": pct(&ms, 50.0), "p99_ms": pct(&ms, 99.0), "p999_ms": pct(&ms, 99.9), "events": ms.len()}));
+    }
+    Ok(runs)
+}
+
 /// Sends `count` sign-ups at `rate` per second, to Kafka (`pg == false`) or as outbox rows to PostgreSQL, and
 /// returns each one's latency in milliseconds: the probe's acknowledgement minus the moment it was handed over.
 async fn latency(env: &Env, pg: bool, count: usize, rate: f64) -> anyhow::Result<Vec<f64>> {
@@ -1006,11 +1016,7 @@ async fn main() -> anyhow::Result<()> {
         for rate in [20.0, 100.0] {
             let count = (rate * 10.0) as usize;
             eprintln!("[bench] Kafka -> MongoDB latency at {rate}/s, {count} events");
-            let mut runs = Vec::new();
-            for _ in 0..env.repeat {
-                let ms = latency(&env, false, count, rate).await?;
-                runs.push(json!({"p50_ms": pct(&ms, 50.0), "p99_ms": pct(&ms, 99.0), "p999_ms": pct(&ms, 99.9), "events": ms.len()}));
-            }
+            let runs = latency_runs(&env, false, count, rate).await?;
             lat.insert(format!("kafka_{rate}_per_s"), summarize(runs));
         }
         println!("{}", serde_json::to_string_pretty(&Value::Object(lat))?);
@@ -1087,20 +1093,12 @@ async fn main() -> anyhow::Result<()> {
     for rate in [1000.0, half] {
         let count = (rate * secs).max(50.0) as usize;
         eprintln!("[bench] Kafka -> MongoDB latency at {rate}/s, {count} events");
-        let mut runs = Vec::new();
-        for _ in 0..env.repeat {
-            let ms = latency(&env, false, count, rate).await?;
-            runs.push(json!({"p50_ms": pct(&ms, 50.0), "p99_ms": pct(&ms, 99.0), "p999_ms": pct(&ms, 99.9), "events": ms.len()}));
-        }
+        let runs = latency_runs(&env, false, count, rate).await?;
         lat.insert(format!("kafka_{rate}_per_s"), summarize(runs));
     }
     let (count, rate) = if env.quick { (40, 20.0) } else { (200, 20.0) };
     eprintln!("[bench] PostgreSQL -> MongoDB latency at {rate}/s, {count} events");
-    let mut runs = Vec::new();
-    for _ in 0..env.repeat {
-        let ms = latency(&env, true, count, rate).await?;
-        runs.push(json!({"p50_ms": pct(&ms, 50.0), "p99_ms": pct(&ms, 99.0), "p999_ms": pct(&ms, 99.9), "events": ms.len()}));
-    }
+    let runs = latency_runs(&env, true, count, rate).await?;
     lat.insert(format!("postgres_{rate}_per_s"), summarize(runs));
     out.insert("latency".into(), Value::Object(lat));
     save(&out)?;

@@ -61,6 +61,13 @@ fn compose(args: &[&str]) -> String {
     ok("docker", &all)
 }
 
+/// A Kafka tool run in the kafka container, as `docker compose exec kafka <tool> ...`.
+fn kafka_tool(args: &[&str]) -> String {
+    let mut all = vec!["exec", "-T", "kafka"];
+    all.extend_from_slice(args);
+    compose(&all)
+}
+
 fn sh(script: &str) -> Output {
     run("sh", &["-c", script])
 }
@@ -267,12 +274,9 @@ async fn docker_compose_up_runs_the_pipeline_as_the_readme_says() {
         .join("\n");
     assert!(insert.contains("INSERT INTO activity.event_outbox"));
     let inserted = Instant::now();
-    ok(
-        "docker",
-        &[
-            "compose", "exec", "-T", "postgres", "psql", "-U", "app", "-d", "app", "-c", &insert,
-        ],
-    );
+    compose(&[
+        "exec", "-T", "postgres", "psql", "-U", "app", "-d", "app", "-c", &insert,
+    ]);
     let db = mongo().await;
     wait_for(
         "the README's user in MongoDB",
@@ -289,74 +293,49 @@ async fn docker_compose_up_runs_the_pipeline_as_the_readme_says() {
         first_event.as_secs_f64()
     );
     // The same through mongosh in the mongodb container, as the README shows.
-    let shell = ok(
-        "docker",
-        &[
-            "compose",
-            "exec",
-            "-T",
-            "mongodb",
-            "mongosh",
-            "event_processor",
-            "--quiet",
-            "--eval",
-            r#"db.users.findOne({email: "test@example.com"}).username"#,
-        ],
-    );
+    let shell = compose(&[
+        "exec",
+        "-T",
+        "mongodb",
+        "mongosh",
+        "event_processor",
+        "--quiet",
+        "--eval",
+        r#"db.users.findOne({email: "test@example.com"}).username"#,
+    ]);
     assert_eq!(shell.trim(), "testuser");
 
     // The Kafka tools, verbatim.
-    let topics = ok(
-        "docker",
-        &[
-            "compose",
-            "exec",
-            "-T",
-            "kafka",
-            "kafka-topics",
-            "--list",
-            "--bootstrap-server",
-            "localhost:9092",
-        ],
-    );
+    let topics = kafka_tool(&[
+        "kafka-topics",
+        "--list",
+        "--bootstrap-server",
+        "localhost:9092",
+    ]);
     assert!(
         topics
             .lines()
             .any(|t| t == "postgres.activity.event_outbox"),
         "{topics}"
     );
-    let record = ok(
-        "docker",
-        &[
-            "compose",
-            "exec",
-            "-T",
-            "kafka",
-            "kafka-console-consumer",
-            "--bootstrap-server",
-            "localhost:9092",
-            "--topic",
-            "postgres.activity.event_outbox",
-            "--from-beginning",
-            "--max-messages",
-            "1",
-        ],
-    );
+    let record = kafka_tool(&[
+        "kafka-console-consumer",
+        "--bootstrap-server",
+        "localhost:9092",
+        "--topic",
+        "postgres.activity.event_outbox",
+        "--from-beginning",
+        "--max-messages",
+        "1",
+    ]);
     assert!(record.contains("test@example.com"), "{record}");
     // `.env` is what compose passes to the daemon: its group id is the one in Kafka.
-    let groups = ok(
-        "docker",
-        &[
-            "compose",
-            "exec",
-            "-T",
-            "kafka",
-            "kafka-consumer-groups",
-            "--bootstrap-server",
-            "localhost:9092",
-            "--list",
-        ],
-    );
+    let groups = kafka_tool(&[
+        "kafka-consumer-groups",
+        "--bootstrap-server",
+        "localhost:9092",
+        "--list",
+    ]);
     assert!(
         groups.lines().any(|g| g == DOTENV_GROUP),
         "the group id from .env is not in Kafka: {groups}"
@@ -391,22 +370,15 @@ async fn docker_compose_up_runs_the_pipeline_as_the_readme_says() {
     compose(&["up", "-d", "--scale", "event-processor=3"]);
     assert_eq!(replicas().len(), 3);
     let describe = || {
-        ok(
-            "docker",
-            &[
-                "compose",
-                "exec",
-                "-T",
-                "kafka",
-                "kafka-consumer-groups",
-                "--bootstrap-server",
-                "localhost:9092",
-                "--describe",
-                "--group",
-                DOTENV_GROUP,
-                "--members",
-            ],
-        )
+        kafka_tool(&[
+            "kafka-consumer-groups",
+            "--bootstrap-server",
+            "localhost:9092",
+            "--describe",
+            "--group",
+            DOTENV_GROUP,
+            "--members",
+        ])
     };
     wait_for(
         "three members with partitions",
