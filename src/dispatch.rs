@@ -356,7 +356,7 @@ impl Inner {
 fn batch_done(batch: &Batch, last: &OwnedMessage, totals: Totals) {
     let s = batch.counts.stats(batch.records);
     if let Some(ts) = last.timestamp().to_millis() {
-        let lag = (crate::health::now_ms() - ts).max(0) as f64 / 1000.0;
+        let lag = (crate::now_ms() - ts).max(0) as f64 / 1000.0;
         metrics::gauge!(crate::catalogue::LAST_BATCH_LAG).set(lag);
     }
     info!(

@@ -2,7 +2,9 @@
 //! and the MongoDB pinger update; the HTTP layer reads them.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::now_ms;
 
 /// Liveness fails when the loop has not beaten for this long.
 pub const LIVENESS_STALL: Duration = Duration::from_secs(60);
@@ -16,13 +18,6 @@ pub struct Health {
     last_beat_ms: AtomicI64,
     /// When commits started failing (0 while they succeed).
     commit_failing_since_ms: AtomicI64,
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }
 
 /// What `/health/ready` reports.

@@ -59,3 +59,11 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock()
         .expect("a thread panicked while holding a bookkeeping lock")
 }
+
+/// Wall-clock milliseconds since the Unix epoch: the clock Kafka timestamps use, for lags and ages.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
