@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 // README example: begin
 use async_trait::async_trait;
+use event_processor::handler::guarded_upsert;
 use event_processor::handlers::{index, not_newer_than, occurred_at, payload_object, to_bson};
 use event_processor::registry::PayloadContract;
-use event_processor::store::guarded_upsert;
 use event_processor::{EventHandler, HandlerContext, HandlerError, OutboxEvent};
 use mongodb::IndexModel;
 use mongodb::bson::doc;

@@ -1,4 +1,4 @@
-"""Draws the benchmark's throughput and latency from results.json (written by benches/pipeline.rs)."""
+"""Draws the benchmark's throughput and latency from results.json (written by benches/daemon.rs)."""
 import json
 import sys
 

@@ -10,11 +10,12 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::dlq::KafkaDeadLetters;
+use crate::handler::HandlerContext;
 use crate::handlers;
 use crate::health::Health;
 use crate::kafka;
 use crate::pipeline::{ProcessingSettings, Processor};
-use crate::registry::{HandlerContext, Registry};
+use crate::registry::Registry;
 use crate::store;
 
 /// Runs the daemon until `shutdown` is cancelled, with the shipped handlers.

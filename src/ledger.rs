@@ -19,8 +19,8 @@ use mongodb::options::ReturnDocument;
 use sha2::{Digest, Sha256};
 
 use crate::event::OutboxEvent;
-use crate::registry::{HandlerContext, HandlerError};
-use crate::store::{DUPLICATE_KEY, classify, classify_write, error_code};
+use crate::handler::{HandlerContext, HandlerError, classify, classify_write};
+use crate::store::{DUPLICATE_KEY, error_code};
 use crate::writer::WriteError;
 
 /// The ledger's collection.

@@ -30,13 +30,14 @@ pub mod app;
 pub mod catalogue;
 pub mod config;
 pub mod decode;
-pub mod dispatch;
 pub mod dlq;
 pub mod event;
+pub mod handler;
 pub mod handlers;
 pub mod health;
 pub mod http;
 pub mod kafka;
+pub mod lanes;
 pub mod ledger;
 pub mod pipeline;
 pub mod redact;
@@ -50,7 +51,8 @@ pub mod writer;
 pub use app::{run, run_with_registry};
 pub use config::Config;
 pub use event::OutboxEvent;
-pub use registry::{EventHandler, HandlerContext, HandlerError, Registry};
+pub use handler::{EventHandler, HandlerContext, HandlerError};
+pub use registry::Registry;
 
 /// Locks a mutex of the daemon's bookkeeping. These locks guard only bookkeeping that cannot panic; a poisoned
 /// one means a bug, and carrying on with its state could commit past an unfinished record, so the caller fails

@@ -1,6 +1,6 @@
 //! Processing of one record: decode, fan out to handlers, retry, isolate, dead-letter. Owns the per-record
-//! contract (docs/ARCHITECTURE.md); never polls, orders or commits (`dispatch` runs records in keyed lanes,
-//! the consumer loop in `app` commits).
+//! contract (docs/ARCHITECTURE.md); never polls, orders or commits (`lanes` runs records in keyed lanes,
+//! `kafka::delivery` commits).
 //!
 //! Within one event, every handler runs concurrently and fails alone.
 
@@ -17,10 +17,11 @@ use tracing::{Instrument, Span, debug, debug_span, error, info_span, warn};
 use crate::decode::{Decoded, decode};
 use crate::dlq::{DeadLetter, DeadLetterSink};
 use crate::event::OutboxEvent;
+use crate::handler::{EventHandler, HandlerContext, HandlerError};
 use crate::ledger::Refusal;
-use crate::registry::{EventHandler, HandlerContext, HandlerError, Registry};
-use handles::HandlerMetrics;
-pub use handles::RecordMetrics;
+use crate::registry::Registry;
+use meters::HandlerMetrics;
+pub use meters::RecordMetrics;
 
 /// Retry and concurrency settings.
 #[derive(Debug, Clone)]
@@ -164,7 +165,7 @@ impl Processor {
                     if let Err(outcome) = self.admit(msg, &mut event).await {
                         return outcome;
                     }
-                    self.dispatch(msg, &event).await
+                    self.fan_out(msg, &event).await
                 }
                 .instrument(span)
                 .await;
@@ -257,7 +258,7 @@ impl Processor {
     }
 
     /// Runs all handlers of the event concurrently, each isolated from the others' errors and panics.
-    async fn dispatch(&self, msg: &OwnedMessage, event: &OutboxEvent) -> RecordOutcome {
+    async fn fan_out(&self, msg: &OwnedMessage, event: &OutboxEvent) -> RecordOutcome {
         let handlers = self.registry.handlers_for(&event.event_type);
         let mut handles = self.metrics.route(&self.registry, &event.event_type);
         let made;
@@ -502,6 +503,6 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-mod handles;
+mod meters;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,73 +1,14 @@
-//! The handler registry: which handlers run for which event type. Owns the [`EventHandler`] trait, the error a
-//! handler returns, and registration. It never runs handlers itself (the pipeline does, with retries and
-//! isolation) and never decides what a failure means beyond what the handler says.
+//! The handler registry: which handlers run for which event type, and the payload contract each event type must
+//! meet. It never runs handlers itself (the pipeline does, with retries and isolation) and never decides what a
+//! failure means beyond what the handler says.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use mongodb::{Database, IndexModel};
+use mongodb::IndexModel;
 
 use crate::event::OutboxEvent;
-use crate::writer::Writer;
-
-/// What a handler gets besides the event: the MongoDB database its read models live in, and the coalescing
-/// writer that batches its update statements with those of concurrent handlers (see `store::guarded_upsert`).
-#[derive(Clone, Debug)]
-pub struct HandlerContext {
-    pub db: Database,
-    pub writer: Writer,
-}
-
-impl HandlerContext {
-    /// A context whose writes go through a new coalescing writer for `db`. Needs a tokio runtime.
-    pub fn new(db: Database) -> Self {
-        HandlerContext {
-            writer: Writer::start(db.clone()),
-            db,
-        }
-    }
-}
-
-/// A handler's failure, and whether trying again can help. The pipeline acts on the variant, never on the text.
-#[derive(Debug, thiserror::Error)]
-pub enum HandlerError {
-    /// The world is temporarily unable (MongoDB unreachable, timeout, not primary): retried with backoff, never
-    /// dead-lettered.
-    #[error("transient: {0}")]
-    Transient(#[source] anyhow::Error),
-    /// The event cannot be applied (invalid payload, a write the server rejects): retried a bounded number of
-    /// times, then dead-lettered.
-    #[error("permanent: {0}")]
-    Permanent(#[source] anyhow::Error),
-}
-
-impl HandlerError {
-    /// A permanent error from a message, for validation failures.
-    pub fn invalid(msg: impl Into<String>) -> Self {
-        HandlerError::Permanent(anyhow::anyhow!(msg.into()))
-    }
-
-    pub fn is_transient(&self) -> bool {
-        matches!(self, HandlerError::Transient(_))
-    }
-}
-
-/// A read-model projection for one event type. Every effect must be safe to repeat: Kafka delivers at least once.
-#[async_trait]
-pub trait EventHandler: Send + Sync {
-    /// The `event_type` this handler serves, e.g. `"UserCreated"`.
-    fn event_type(&self) -> &str;
-    /// Unique name, used in logs, metrics and dead letters (a replay re-runs only the named handler).
-    fn name(&self) -> &str;
-    /// Applies the event. Return `Transient` when retrying can help, `Permanent` when it cannot.
-    async fn handle(&self, event: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError>;
-    /// The indexes this handler's read models are queried by, as (collection, index). The daemon creates the
-    /// indexes of the handlers it runs at start-up (idempotently), and no others.
-    fn indexes(&self) -> Vec<(String, IndexModel)> {
-        Vec::new()
-    }
-}
+use crate::handler::EventHandler;
 
 /// What every handler of an event type may rely on in the payload, checked once per event before any handler
 /// runs. An event that breaks its type's contract is dead-lettered as a whole (`invalid_payload`): its handlers
@@ -277,6 +218,8 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handler::{HandlerContext, HandlerError};
+    use async_trait::async_trait;
 
     struct Named(&'static str, &'static str);
 

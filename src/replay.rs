@@ -18,8 +18,9 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::dlq::{KafkaDeadLetters, headers};
+use crate::handler::HandlerContext;
 use crate::pipeline::{ProcessingSettings, Processor, RecordOutcome};
-use crate::registry::{HandlerContext, Registry};
+use crate::registry::Registry;
 use crate::store;
 
 /// What a replay did.

@@ -11,11 +11,8 @@ use mongodb::event::command::CommandEvent;
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 
-use crate::registry::{HandlerContext, HandlerError};
-use crate::writer::WriteError;
-
 /// Server error codes that mean "try again later": network, elections, shutdowns, time limits, write conflicts.
-const TRANSIENT_CODES: &[i32] = &[
+pub const TRANSIENT_CODES: &[i32] = &[
     6,     // HostUnreachable
     7,     // HostNotFound
     50,    // MaxTimeMSExpired
@@ -124,75 +121,10 @@ pub fn is_transient(err: &MongoError) -> bool {
     }
 }
 
-/// Wraps a driver error as a handler error of the right class.
-pub fn classify(err: MongoError) -> HandlerError {
-    if is_transient(&err) {
-        HandlerError::Transient(err.into())
-    } else {
-        HandlerError::Permanent(err.into())
-    }
-}
-
-/// Wraps a coalesced write's failure as a handler error of the right class.
-pub fn classify_write(err: WriteError) -> HandlerError {
-    match err {
-        WriteError::Command(e) => classify(e),
-        WriteError::Statement { code, message } if TRANSIENT_CODES.contains(&code) => {
-            HandlerError::Transient(anyhow::anyhow!("MongoDB write error {code}: {message}"))
-        }
-        WriteError::Statement { code, message } => {
-            HandlerError::Permanent(anyhow::anyhow!("MongoDB write error {code}: {message}"))
-        }
-        WriteError::Closed => {
-            HandlerError::Transient(anyhow::anyhow!("the MongoDB writer stopped"))
-        }
-    }
-}
-
-/// `updateOne` through the context's coalescing writer, errors classified.
-pub async fn update_one(
-    ctx: &HandlerContext,
-    collection: &str,
-    filter: Document,
-    update: Document,
-    upsert: bool,
-) -> Result<(), HandlerError> {
-    ctx.writer
-        .update_one(collection, filter, update, upsert)
-        .await
-        .map(|_| ())
-        .map_err(classify_write)
-}
-
-/// An upsert whose filter carries a guard ("event not yet applied", "state not newer"). When the guard holds the
-/// update back on an existing document, the upsert's insert collides on `_id` (E11000): the effect is already
-/// there. One retry without upsert tells that apart from two writers racing to create the document.
-pub async fn guarded_upsert(
-    ctx: &HandlerContext,
-    collection: &str,
-    filter: Document,
-    update: Document,
-) -> Result<(), HandlerError> {
-    match ctx
-        .writer
-        .update_one(collection, filter.clone(), update.clone(), true)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(WriteError::Statement {
-            code: DUPLICATE_KEY,
-            ..
-        }) => update_one(ctx, collection, filter, update, false).await,
-        Err(WriteError::Command(e)) if error_code(&e) == Some(DUPLICATE_KEY) => {
-            update_one(ctx, collection, filter, update, false).await
-        }
-        Err(e) => Err(classify_write(e)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handler::{classify, classify_write};
     use mongodb::error::{CommandError, WriteError};
 
     fn command_error(code: i32) -> MongoError {

@@ -317,7 +317,7 @@ impl EventHandler for DispatchCounter {
             .update_one(doc! { "_id": &e.event_id }, doc! { "$inc": { "n": 1 } })
             .upsert(true)
             .await
-            .map_err(event_processor::store::classify)?;
+            .map_err(event_processor::handler::classify)?;
         Ok(())
     }
 }

@@ -499,7 +499,7 @@ impl EventHandler for DateWriter {
         } else {
             1_795_706_161_817
         };
-        let result = event_processor::store::guarded_upsert(
+        let result = event_processor::handler::guarded_upsert(
             ctx,
             "dates",
             doc! { "_id": &event.aggregate_id },

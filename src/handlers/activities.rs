@@ -8,8 +8,7 @@ use super::{ACTIVITIES, not_newer_than, occurred_at, payload_fields, payload_obj
 use mongodb::IndexModel;
 
 use crate::event::OutboxEvent;
-use crate::registry::{EventHandler, HandlerContext, HandlerError};
-use crate::store::guarded_upsert;
+use crate::handler::{EventHandler, HandlerContext, HandlerError, guarded_upsert};
 
 /// Projects `ActivityCreated {title, description?, organizer_id, starts_at?, location?, max_participants?}`.
 pub struct ActivityCreatedHandler;

@@ -2,7 +2,7 @@
 //! it in a file here, add it to [`register_all`].
 //!
 //! Every handler keys its documents by a business id and writes with guarded upserts, so that a redelivered or
-//! replayed event changes nothing (see `store::guarded_upsert`).
+//! replayed event changes nothing (see `handler::guarded_upsert`).
 
 mod activities;
 mod participants;
@@ -21,7 +21,8 @@ pub use user_statistics::UserStatisticsHandler;
 pub use users::UserCreatedHandler;
 
 use crate::event::OutboxEvent;
-use crate::registry::{HandlerError, PayloadContract, Registry, RegistryError};
+use crate::handler::HandlerError;
+use crate::registry::{PayloadContract, Registry, RegistryError};
 
 /// Collection names of the shipped read models.
 pub const USERS: &str = "users";

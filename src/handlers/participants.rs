@@ -6,8 +6,7 @@ use mongodb::bson::{Bson, doc};
 
 use super::{ACTIVITIES, occurred_at, payload_object, required, to_bson};
 use crate::event::OutboxEvent;
-use crate::registry::{EventHandler, HandlerContext, HandlerError};
-use crate::store::guarded_upsert;
+use crate::handler::{EventHandler, HandlerContext, HandlerError, guarded_upsert};
 
 /// Adds `{user_id, joined_at, event_id}` to the activity. Works before `ActivityCreated` arrives (the document
 /// is created with just the participant) and on redelivery (the filter finds the user already present).

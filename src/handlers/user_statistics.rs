@@ -25,8 +25,7 @@ use super::{USER_STATISTICS, occurred_at};
 use mongodb::IndexModel;
 
 use crate::event::OutboxEvent;
-use crate::registry::{EventHandler, HandlerContext, HandlerError};
-use crate::store::{classify, guarded_upsert};
+use crate::handler::{EventHandler, HandlerContext, HandlerError, classify, guarded_upsert};
 use crate::writer::bson_int;
 
 /// `_id` of the document holding `total_users`.

@@ -7,8 +7,7 @@ use super::{USERS, not_newer_than, occurred_at, payload_fields, payload_object, 
 use mongodb::IndexModel;
 
 use crate::event::OutboxEvent;
-use crate::registry::{EventHandler, HandlerContext, HandlerError};
-use crate::store::guarded_upsert;
+use crate::handler::{EventHandler, HandlerContext, HandlerError, guarded_upsert};
 
 /// Projects `UserCreated {email, username, first_name, last_name, ...}` into `users`.
 pub struct UserCreatedHandler;

@@ -5,7 +5,7 @@
 //! the order librdkafka produced them, records, errors and revokes; librdkafka runs its rebalance callbacks on
 //! that thread, so a callback may block on the loop without blocking the runtime, whatever its flavour. The loop
 //! (a task of the runtime) takes records in batches of up to `KAFKA_MAX_POLL_RECORDS`, records each offset in the
-//! [`OffsetTracker`] before any work starts on it, submits it to the keyed lanes ([`Dispatcher`]), commits what
+//! [`OffsetTracker`] before any work starts on it, submits it to the keyed lanes ([`Lanes`]), commits what
 //! has finished, pauses the partitions while `PROCESSING_MAX_IN_FLIGHT` records are in flight, and answers
 //! revokes: it drops what it holds of the revoked partitions, waits for their records in flight, and hands back
 //! the offsets to commit before they move.
@@ -24,8 +24,8 @@ use tracing::{debug, error, info, warn};
 use super::context::GroupContext;
 use super::{Kafka, OffsetTracker, Tp, client, is_missing_topic, to_tpl, tpl_to_vec};
 use crate::config::Config;
-use crate::dispatch::Dispatcher;
 use crate::health::Health;
+use crate::lanes::Lanes;
 use crate::pipeline::Processor;
 
 /// Finished records are committed at most this often (and on revoke and shutdown).
@@ -90,14 +90,14 @@ pub async fn run(
     let poller = spawn_poller(consumer.clone(), to_loop, stop_polling.clone())?;
 
     let work_cancel = processor.cancel.clone();
-    let dispatcher = Dispatcher::new(processor, tracker.clone());
+    let lanes = Lanes::new(processor, tracker.clone());
     let mut lp = Loop {
         config,
         consumer: consumer.clone(),
         polled,
         tracker,
         health,
-        dispatcher: dispatcher.clone(),
+        lanes: lanes.clone(),
         shutdown,
         out_of_group: out_of_group.clone(),
         work_cancel,
@@ -110,7 +110,7 @@ pub async fn run(
     };
     let result = lp.run().await;
     lp.commit_final().await;
-    let totals = dispatcher.totals();
+    let totals = lanes.totals();
     info!(
         total_processed = totals.processed,
         total_errors = totals.errors,
@@ -183,7 +183,7 @@ struct Loop<'a> {
     polled: mpsc::Receiver<Polled>,
     tracker: Arc<Mutex<OffsetTracker>>,
     health: Arc<Health>,
-    dispatcher: Dispatcher,
+    lanes: Lanes,
     shutdown: CancellationToken,
     /// Cancelled when the consumer gave up getting back into its group: the loop ends as on shutdown.
     out_of_group: CancellationToken,
@@ -209,7 +209,7 @@ impl Loop<'_> {
                     while !batch.is_empty() {
                         let rest =
                             batch.split_off(batch.len().min(self.config.processing_batch_size));
-                        self.dispatcher.submit(std::mem::replace(&mut batch, rest));
+                        self.lanes.submit(std::mem::replace(&mut batch, rest));
                     }
                     self.commit_if_due().await;
                     self.periodic_stats();
@@ -232,7 +232,7 @@ impl Loop<'_> {
         let tick = tokio::time::sleep(COMMIT_INTERVAL);
         tokio::pin!(tick);
         loop {
-            let full = self.dispatcher.in_flight() >= self.config.processing_max_in_flight;
+            let full = self.lanes.in_flight() >= self.config.processing_max_in_flight;
             self.flow_control(full);
             if !full {
                 let take = max.min(self.carry.len());
@@ -251,7 +251,7 @@ impl Loop<'_> {
                 p = self.polled.recv(), if receive => {
                     self.take(p, &mut batch, full).await?;
                 }
-                _ = self.dispatcher.progressed() => self.commit_if_due().await,
+                _ = self.lanes.progressed() => self.commit_if_due().await,
                 _ = &mut tick => {
                     self.commit_finished().await;
                     self.periodic_stats();
@@ -341,7 +341,7 @@ impl Loop<'_> {
         let deadline = tokio::time::Instant::now() + self.config.rebalance_drain_timeout();
         while unfinished() > 0 && tokio::time::Instant::now() < deadline {
             tokio::select! {
-                _ = self.dispatcher.progressed() => {}
+                _ = self.lanes.progressed() => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             }
         }
@@ -374,7 +374,7 @@ impl Loop<'_> {
                 match self.consumer.pause(&a) {
                     Ok(()) => {
                         debug!(
-                            in_flight = self.dispatcher.in_flight(),
+                            in_flight = self.lanes.in_flight(),
                             "In-flight limit reached; partitions paused"
                         );
                         metrics::counter!(crate::catalogue::BACKPRESSURE_PAUSES).increment(1);
@@ -406,22 +406,22 @@ impl Loop<'_> {
     /// Shutdown: stop fetching, stop retries, give the handler calls already running `SHUTDOWN_TIMEOUT_MS`, then
     /// commit what is finished (the caller does).
     async fn drain(&mut self) {
-        if self.dispatcher.in_flight() == 0 {
+        if self.lanes.in_flight() == 0 {
             return;
         }
         info!(
-            in_flight = self.dispatcher.in_flight(),
+            in_flight = self.lanes.in_flight(),
             timeout_ms = self.config.shutdown_timeout_ms,
             "Draining in-flight records before shutdown"
         );
         // Retries stop and records not yet started are abandoned; handler calls already running go on.
         self.work_cancel.cancel();
         let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout();
-        while self.dispatcher.in_flight() > 0 {
+        while self.lanes.in_flight() > 0 {
             tokio::select! {
-                _ = self.dispatcher.progressed() => {}
+                _ = self.lanes.progressed() => {}
                 _ = tokio::time::sleep_until(deadline) => {
-                    warn!(in_flight = self.dispatcher.in_flight(), "Shutdown deadline reached; abandoning unfinished records (they stay uncommitted)");
+                    warn!(in_flight = self.lanes.in_flight(), "Shutdown deadline reached; abandoning unfinished records (they stay uncommitted)");
                     return;
                 }
             }
@@ -518,12 +518,12 @@ impl Loop<'_> {
         if self.last_stats.elapsed() >= Duration::from_secs(self.config.stats_interval_secs.max(1))
         {
             self.last_stats = Instant::now();
-            let t = self.dispatcher.totals();
+            let t = self.lanes.totals();
             info!(
                 total_processed = t.processed,
                 total_errors = t.errors,
                 total_skipped = t.skipped,
-                in_flight = self.dispatcher.in_flight(),
+                in_flight = self.lanes.in_flight(),
                 "Progress"
             );
         }

@@ -1,5 +1,5 @@
-//! Fan-out, isolation, retries, and the keyed lanes of `dispatch`, with in-memory handlers and dead-letter sink.
-//! (The same behaviour against real Kafka and MongoDB is in `tests/`.)
+//! Fan-out, isolation, retries and dead letters, with in-memory handlers and dead-letter sink; the helpers serve
+//! the lanes' tests too. (The same behaviour against real Kafka and MongoDB is in `tests/`.)
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -11,13 +11,13 @@ use rdkafka::message::OwnedMessage;
 use std::sync::Mutex;
 
 use super::*;
-use crate::dispatch::Dispatcher;
+use crate::handler::HandlerError;
 use crate::kafka::OffsetTracker;
-use crate::registry::HandlerError;
+use crate::lanes::Lanes;
 
 #[derive(Default)]
-struct Sink {
-    letters: Mutex<Vec<(String, Option<String>, u32)>>,
+pub(crate) struct Sink {
+    pub(crate) letters: Mutex<Vec<(String, Option<String>, u32)>>,
     fail_first: AtomicU32,
 }
 
@@ -37,7 +37,7 @@ impl DeadLetterSink for Sink {
     }
 }
 
-enum Behaviour {
+pub(crate) enum Behaviour {
     Ok,
     Permanent,
     Panic,
@@ -48,15 +48,15 @@ enum Behaviour {
     LogsAndFailsOnce,
 }
 
-struct TestHandler {
+pub(crate) struct TestHandler {
     name: &'static str,
     behaviour: Behaviour,
-    calls: AtomicU32,
-    seen: Mutex<Vec<i64>>,
+    pub(crate) calls: AtomicU32,
+    pub(crate) seen: Mutex<Vec<i64>>,
 }
 
 impl TestHandler {
-    fn new(name: &'static str, behaviour: Behaviour) -> Arc<Self> {
+    pub(crate) fn new(name: &'static str, behaviour: Behaviour) -> Arc<Self> {
         Arc::new(Self {
             name,
             behaviour,
@@ -105,7 +105,7 @@ impl EventHandler for TestHandler {
     }
 }
 
-fn record(offset: i64, key: &str, event_type: &str) -> OwnedMessage {
+pub(crate) fn record(offset: i64, key: &str, event_type: &str) -> OwnedMessage {
     let value = serde_json::json!({"op": "c", "after": {
         "event_id": uuid::Uuid::new_v4().to_string(), "aggregate_id": key, "aggregate_type": "user",
         "event_type": event_type, "payload": "{\"email\":\"a@b.c\"}", "created_at": "2026-11-26T10:00:00.000000Z"
@@ -121,7 +121,7 @@ fn record(offset: i64, key: &str, event_type: &str) -> OwnedMessage {
     )
 }
 
-fn processor(handlers: Vec<Arc<TestHandler>>, sink: Arc<Sink>) -> Processor {
+pub(crate) fn processor(handlers: Vec<Arc<TestHandler>>, sink: Arc<Sink>) -> Processor {
     let mut registry = Registry::new();
     for h in handlers {
         registry.register(h).unwrap();
@@ -144,7 +144,7 @@ fn processor(handlers: Vec<Arc<TestHandler>>, sink: Arc<Sink>) -> Processor {
             handler_timeout: Duration::from_secs(5),
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(100),
-            // These tests have no MongoDB: the ledger is tested against a real server (tests/pipeline.rs).
+            // These tests have no MongoDB: the ledger is tested against a real server (tests/daemon.rs).
             ledger: false,
             dead_letter_topic: "dlq".into(),
         },
@@ -154,12 +154,12 @@ fn processor(handlers: Vec<Arc<TestHandler>>, sink: Arc<Sink>) -> Processor {
 }
 
 /// Runs a batch through keyed lanes to its end.
-async fn run(
+pub(crate) async fn run(
     p: Processor,
     batch: &[OwnedMessage],
     tracker: &Arc<Mutex<OffsetTracker>>,
 ) -> BatchStats {
-    Dispatcher::new(Arc::new(p), tracker.clone())
+    Lanes::new(Arc::new(p), tracker.clone())
         .submit(batch.to_vec())
         .finished()
         .await
@@ -387,113 +387,6 @@ async fn shutdown_abandons_unfinished_work_and_it_stays_uncommitted() {
         tracker.lock().unwrap().committable(),
         vec![(("t".to_string(), 0), 1)]
     );
-}
-
-#[tokio::test(start_paused = true)]
-async fn one_slow_key_holds_up_only_its_own_lane_and_the_commit() {
-    let h = TestHandler::new("h", Behaviour::SlowKey(Duration::from_secs(4)));
-    let p = Arc::new(processor(vec![h.clone()], Arc::new(Sink::default())));
-    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
-    let d = Dispatcher::new(p, tracker.clone());
-    let first = d.submit(vec![
-        record(0, "slow", "UserCreated"),
-        record(1, "b", "UserCreated"),
-        record(2, "slow", "UserCreated"),
-    ]);
-    // A later batch runs while the first is still busy with the slow key.
-    let second = d.submit(vec![
-        record(3, "b", "UserCreated"),
-        record(4, "c", "UserCreated"),
-    ]);
-    assert_eq!(second.finished().await.processed, 2);
-    assert_eq!(*h.seen.lock().unwrap(), [1, 3, 4]);
-    assert!(
-        tracker.lock().unwrap().committable().is_empty(),
-        "offset 0 is unfinished: nothing may be committed"
-    );
-    assert_eq!(d.in_flight(), 2);
-    assert_eq!(first.finished().await.processed, 3);
-    assert_eq!(*h.seen.lock().unwrap(), [1, 3, 4, 0, 2], "key order kept");
-    assert_eq!(
-        tracker.lock().unwrap().committable(),
-        vec![(("t".to_string(), 0), 5)]
-    );
-}
-
-#[tokio::test(start_paused = true)]
-async fn records_of_a_revoked_partition_are_not_run() {
-    let h = TestHandler::new("h", Behaviour::SlowKey(Duration::from_secs(3)));
-    let p = Arc::new(processor(vec![h.clone()], Arc::new(Sink::default())));
-    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
-    let d = Dispatcher::new(p, tracker.clone());
-    let batch = d.submit(vec![
-        record(0, "slow", "UserCreated"),
-        record(1, "slow", "UserCreated"),
-    ]);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    tracker.lock().unwrap().revoke(&[("t".to_string(), 0)]);
-    let stats = batch.finished().await;
-    assert_eq!((stats.processed, stats.abandoned), (1, 1));
-    assert_eq!(
-        *h.seen.lock().unwrap(),
-        [0],
-        "the queued record did not run"
-    );
-}
-
-/// A partition revoked while records of a key are queued, then assigned back and fetched again from its committed
-/// offset: the queued records of the old assignment must not run (nor run ahead of the new ones), and the new
-/// ones must run, so the partition's commit moves on instead of stalling.
-#[tokio::test(start_paused = true)]
-async fn a_partition_assigned_back_runs_its_records_again_and_the_commit_moves_on() {
-    let h = TestHandler::new("h", Behaviour::SlowKey(Duration::from_secs(3)));
-    let p = Arc::new(processor(vec![h.clone()], Arc::new(Sink::default())));
-    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
-    let d = Dispatcher::new(p, tracker.clone());
-    let old = d.submit((0..3).map(|o| record(o, "slow", "UserCreated")).collect());
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    tracker.lock().unwrap().revoke(&[("t".to_string(), 0)]);
-    // Assigned back at once, nothing committed: fetched again from offset 0 while offset 0 still runs.
-    let new = d.submit((0..3).map(|o| record(o, "slow", "UserCreated")).collect());
-    let old = old.finished().await;
-    assert_eq!((old.processed, old.abandoned), (1, 2), "old: {old:?}");
-    let new = new.finished().await;
-    assert_eq!((new.processed, new.abandoned), (3, 0), "new: {new:?}");
-    assert_eq!(
-        *h.seen.lock().unwrap(),
-        [0, 0, 1, 2],
-        "the old assignment's queued records did not run; the new ones ran in order"
-    );
-    assert_eq!(
-        tracker.lock().unwrap().committable(),
-        vec![(("t".to_string(), 0), 3)]
-    );
-    assert_eq!(d.in_flight(), 0);
-}
-
-/// With every lane runner busy, a new lane waits for one; if its partition is revoked meanwhile, its record is not
-/// run once a runner comes (the next owner runs it).
-#[tokio::test(start_paused = true)]
-async fn a_record_whose_partition_moved_while_it_waited_for_a_runner_is_not_run() {
-    let h = TestHandler::new("h", Behaviour::SlowKey(Duration::from_secs(3)));
-    let mut p = processor(vec![h.clone()], Arc::new(Sink::default()));
-    p.settings.concurrency = 1;
-    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
-    let d = Dispatcher::new(Arc::new(p), tracker.clone());
-    let batch = d.submit(vec![
-        record(0, "slow", "UserCreated"),
-        record(1, "other", "UserCreated"),
-    ]);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    tracker.lock().unwrap().revoke(&[("t".to_string(), 0)]);
-    let s = batch.finished().await;
-    assert_eq!((s.processed, s.abandoned), (1, 1), "{s:?}");
-    assert_eq!(
-        *h.seen.lock().unwrap(),
-        [0],
-        "only the record already running ran"
-    );
-    assert_eq!(d.in_flight(), 0);
 }
 
 #[test]

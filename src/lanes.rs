@@ -104,7 +104,7 @@ struct Inner {
     ready: Mutex<VecDeque<(LaneKey, Item)>>,
     /// Wakes a runner when a lane is ready.
     work: Notify,
-    /// Cancelled when the last handle of the dispatcher is dropped: idle runners end.
+    /// Cancelled when the last handle of the lanes are dropped: idle runners end.
     closed: CancellationToken,
     in_flight: AtomicUsize,
     in_flight_gauge: metrics::Gauge,
@@ -115,12 +115,12 @@ struct Inner {
 
 /// Runs submitted records in keyed lanes. Cheap to clone.
 #[derive(Clone)]
-pub struct Dispatcher {
+pub struct Lanes {
     inner: Arc<Inner>,
     _close: Arc<CloseOnDrop>,
 }
 
-/// Ends the idle runners once the last handle of their dispatcher is gone (they hold the state, not a handle).
+/// Ends the idle runners once the last handle of their lanes is gone (they hold the state, not a handle).
 struct CloseOnDrop(CancellationToken);
 
 impl Drop for CloseOnDrop {
@@ -145,11 +145,11 @@ impl BatchHandle {
     }
 }
 
-impl Dispatcher {
+impl Lanes {
     pub fn new(processor: Arc<Processor>, tracker: Arc<Mutex<OffsetTracker>>) -> Self {
         let concurrency = processor.settings.concurrency.max(1);
         let closed = CancellationToken::new();
-        Dispatcher {
+        Lanes {
             _close: Arc::new(CloseOnDrop(closed.clone())),
             inner: Arc::new(Inner {
                 processor,
@@ -262,7 +262,7 @@ impl Dispatcher {
     }
 }
 
-/// Takes ready lanes one after the other until the dispatcher is dropped.
+/// Takes ready lanes one after the other until the lanes are dropped.
 async fn runner(inner: Arc<Inner>) {
     loop {
         let next = inner.ready.lock().ok().and_then(|mut r| r.pop_front());
@@ -371,4 +371,120 @@ fn batch_done(batch: &Batch, last: &OwnedMessage, totals: Totals) {
         "Batch done"
     );
     batch.done.notify_waiters();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::pipeline::tests::{Behaviour, Sink, TestHandler, processor, record};
+
+    #[tokio::test(start_paused = true)]
+    async fn one_slow_key_holds_up_only_its_own_lane_and_the_commit() {
+        let h = TestHandler::new("h", Behaviour::SlowKey(Duration::from_secs(4)));
+        let p = Arc::new(processor(vec![h.clone()], Arc::new(Sink::default())));
+        let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+        let d = Lanes::new(p, tracker.clone());
+        let first = d.submit(vec![
+            record(0, "slow", "UserCreated"),
+            record(1, "b", "UserCreated"),
+            record(2, "slow", "UserCreated"),
+        ]);
+        // A later batch runs while the first is still busy with the slow key.
+        let second = d.submit(vec![
+            record(3, "b", "UserCreated"),
+            record(4, "c", "UserCreated"),
+        ]);
+        assert_eq!(second.finished().await.processed, 2);
+        assert_eq!(*h.seen.lock().unwrap(), [1, 3, 4]);
+        assert!(
+            tracker.lock().unwrap().committable().is_empty(),
+            "offset 0 is unfinished: nothing may be committed"
+        );
+        assert_eq!(d.in_flight(), 2);
+        assert_eq!(first.finished().await.processed, 3);
+        assert_eq!(*h.seen.lock().unwrap(), [1, 3, 4, 0, 2], "key order kept");
+        assert_eq!(
+            tracker.lock().unwrap().committable(),
+            vec![(("t".to_string(), 0), 5)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_of_a_revoked_partition_are_not_run() {
+        let h = TestHandler::new("h", Behaviour::SlowKey(Duration::from_secs(3)));
+        let p = Arc::new(processor(vec![h.clone()], Arc::new(Sink::default())));
+        let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+        let d = Lanes::new(p, tracker.clone());
+        let batch = d.submit(vec![
+            record(0, "slow", "UserCreated"),
+            record(1, "slow", "UserCreated"),
+        ]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tracker.lock().unwrap().revoke(&[("t".to_string(), 0)]);
+        let stats = batch.finished().await;
+        assert_eq!((stats.processed, stats.abandoned), (1, 1));
+        assert_eq!(
+            *h.seen.lock().unwrap(),
+            [0],
+            "the queued record did not run"
+        );
+    }
+
+    /// A partition revoked while records of a key are queued, then assigned back and fetched again from its committed
+    /// offset: the queued records of the old assignment must not run (nor run ahead of the new ones), and the new
+    /// ones must run, so the partition's commit moves on instead of stalling.
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_assigned_back_runs_its_records_again_and_the_commit_moves_on() {
+        let h = TestHandler::new("h", Behaviour::SlowKey(Duration::from_secs(3)));
+        let p = Arc::new(processor(vec![h.clone()], Arc::new(Sink::default())));
+        let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+        let d = Lanes::new(p, tracker.clone());
+        let old = d.submit((0..3).map(|o| record(o, "slow", "UserCreated")).collect());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tracker.lock().unwrap().revoke(&[("t".to_string(), 0)]);
+        // Assigned back at once, nothing committed: fetched again from offset 0 while offset 0 still runs.
+        let new = d.submit((0..3).map(|o| record(o, "slow", "UserCreated")).collect());
+        let old = old.finished().await;
+        assert_eq!((old.processed, old.abandoned), (1, 2), "old: {old:?}");
+        let new = new.finished().await;
+        assert_eq!((new.processed, new.abandoned), (3, 0), "new: {new:?}");
+        assert_eq!(
+            *h.seen.lock().unwrap(),
+            [0, 0, 1, 2],
+            "the old assignment's queued records did not run; the new ones ran in order"
+        );
+        assert_eq!(
+            tracker.lock().unwrap().committable(),
+            vec![(("t".to_string(), 0), 3)]
+        );
+        assert_eq!(d.in_flight(), 0);
+    }
+
+    /// With every lane runner busy, a new lane waits for one; if its partition is revoked meanwhile, its record is not
+    /// run once a runner comes (the next owner runs it).
+    #[tokio::test(start_paused = true)]
+    async fn a_record_whose_partition_moved_while_it_waited_for_a_runner_is_not_run() {
+        let h = TestHandler::new("h", Behaviour::SlowKey(Duration::from_secs(3)));
+        let mut p = processor(vec![h.clone()], Arc::new(Sink::default()));
+        p.settings.concurrency = 1;
+        let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+        let d = Lanes::new(Arc::new(p), tracker.clone());
+        let batch = d.submit(vec![
+            record(0, "slow", "UserCreated"),
+            record(1, "other", "UserCreated"),
+        ]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tracker.lock().unwrap().revoke(&[("t".to_string(), 0)]);
+        let s = batch.finished().await;
+        assert_eq!((s.processed, s.abandoned), (1, 1), "{s:?}");
+        assert_eq!(
+            *h.seen.lock().unwrap(),
+            [0],
+            "only the record already running ran"
+        );
+        assert_eq!(d.in_flight(), 0);
+    }
 }

@@ -4,7 +4,7 @@
 //! ```sh
 //! eval "$(scripts/stack env)"
 //! cargo build --release --bin event-processor
-//! cargo bench --bench pipeline            # BENCH_REPEAT=3 runs of each measurement; BENCH_QUICK=1 for a smoke run
+//! cargo bench --bench daemon            # BENCH_REPEAT=3 runs of each measurement; BENCH_QUICK=1 for a smoke run
 //! ```
 //!
 //! Every throughput figure is taken in the same run as its baseline, repeat by repeat, so the ratios hold on a
@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail, ensure};
 use async_trait::async_trait;
 use event_processor::decode::{Decoded, decode};
-use event_processor::registry::HandlerContext;
+use event_processor::handler::HandlerContext;
 use event_processor::writer::Writer;
 use event_processor::{Config, EventHandler, HandlerError, OutboxEvent, Registry};
 use futures::StreamExt;
@@ -545,7 +545,7 @@ impl EventHandler for Probe {
         "LatencyProbe"
     }
     async fn handle(&self, e: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {
-        event_processor::store::update_one(
+        event_processor::handler::update_one(
             ctx,
             "latency_probe",
             doc! { "_id": &e.event_id },
