@@ -129,11 +129,13 @@ impl Drop for CloseOnDrop {
     }
 }
 
-/// A submitted batch; [`BatchHandle::finished`] waits for its last record.
-pub struct BatchHandle(Arc<Batch>);
+/// A submitted batch. The loop never waits for one (records are committed one by one as they finish); tests
+/// wait for its last record with `finished`.
+pub struct BatchHandle(#[cfg_attr(not(test), allow(dead_code))] Arc<Batch>);
 
 impl BatchHandle {
     /// Waits until every record of the batch has ended, and returns its counts.
+    #[cfg(test)]
     pub async fn finished(self) -> BatchStats {
         loop {
             let notified = self.0.done.notified();
@@ -182,8 +184,9 @@ impl Lanes {
             return BatchHandle(batch);
         }
         metrics::histogram!(crate::catalogue::BATCH_SIZE).record(records.len() as f64);
-        let generations: Vec<u64> = match self.inner.tracker.lock() {
-            Ok(mut t) => records
+        let generations: Vec<u64> = {
+            let mut t = crate::lock(&self.inner.tracker);
+            records
                 .iter()
                 .map(|r| {
                     t.track_at(
@@ -193,8 +196,7 @@ impl Lanes {
                         r.timestamp().to_millis(),
                     )
                 })
-                .collect(),
-            Err(_) => vec![0; records.len()],
+                .collect()
         };
         let n = self
             .inner
@@ -204,9 +206,7 @@ impl Lanes {
         self.inner.in_flight_gauge.set(n as f64);
         self.start_runners();
         let mut fresh = Vec::new();
-        let Ok(mut lanes) = self.inner.lanes.lock() else {
-            return BatchHandle(batch);
-        };
+        let mut lanes = crate::lock(&self.inner.lanes);
         for (msg, generation) in records.into_iter().zip(generations) {
             let key = self
                 .inner
@@ -227,9 +227,7 @@ impl Lanes {
         }
         drop(lanes);
         let woken = fresh.len();
-        if let Ok(mut ready) = self.inner.ready.lock() {
-            ready.extend(fresh);
-        }
+        crate::lock(&self.inner.ready).extend(fresh);
         for _ in 0..woken {
             self.inner.work.notify_one();
         }
@@ -265,7 +263,7 @@ impl Lanes {
 /// Takes ready lanes one after the other until the lanes are dropped.
 async fn runner(inner: Arc<Inner>) {
     loop {
-        let next = inner.ready.lock().ok().and_then(|mut r| r.pop_front());
+        let next = crate::lock(&inner.ready).pop_front();
         if let Some((key, first)) = next {
             run_lane(&inner, key, first).await;
             continue;
@@ -273,7 +271,7 @@ async fn runner(inner: Arc<Inner>) {
         let notified = inner.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if inner.ready.lock().is_ok_and(|r| !r.is_empty()) {
+        if !crate::lock(&inner.ready).is_empty() {
             continue;
         }
         tokio::select! {
@@ -297,15 +295,13 @@ async fn run_lane(inner: &Inner, key: LaneKey, first: Item) {
             inner.processor.process_record(&item.msg).await
         };
         inner.ended(&item, outcome);
-        let next = match inner.lanes.lock() {
-            Ok(mut lanes) => match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
-                Some(next) => Some(next),
-                None => {
-                    lanes.remove(&key);
-                    None
-                }
-            },
-            Err(_) => None,
+        let next = {
+            let mut lanes = crate::lock(&inner.lanes);
+            let next = lanes.get_mut(&key).and_then(VecDeque::pop_front);
+            if next.is_none() {
+                lanes.remove(&key);
+            }
+            next
         };
         match next {
             Some(next) => item = next,
@@ -317,17 +313,23 @@ async fn run_lane(inner: &Inner, key: LaneKey, first: Item) {
 impl Inner {
     fn owns(&self, item: &Item) -> bool {
         let msg = &item.msg;
-        self.tracker.lock().is_ok_and(|t| {
-            t.is_pending(msg.topic(), msg.partition(), msg.offset(), item.generation)
-        })
+        crate::lock(&self.tracker).is_pending(
+            msg.topic(),
+            msg.partition(),
+            msg.offset(),
+            item.generation,
+        )
     }
 
     fn ended(&self, item: &Item, outcome: RecordOutcome) {
         let msg = &item.msg;
-        if outcome.finished()
-            && let Ok(mut t) = self.tracker.lock()
-        {
-            t.finish(msg.topic(), msg.partition(), msg.offset(), item.generation);
+        if outcome.finished() {
+            crate::lock(&self.tracker).finish(
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                item.generation,
+            );
         }
         self.totals.add(outcome);
         item.batch.counts.add(outcome);

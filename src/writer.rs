@@ -63,8 +63,9 @@ impl Writer {
         }
     }
 
-    /// A writer that sends every statement as its own command: one round trip per write, as a consumer
-    /// without coalescing would. The benchmark's per-event baseline uses it.
+    /// A writer that sends every statement as its own command, for running handlers outside the daemon's loop
+    /// where there is nothing to coalesce with: a handler's own test, a one-off backfill, or the per-event
+    /// design the benchmark measures the daemon against.
     pub fn direct(db: Database) -> Self {
         Writer {
             mode: Mode::Direct(db),

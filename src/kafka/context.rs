@@ -84,11 +84,8 @@ pub fn is_missing_topic(error: &KafkaError) -> bool {
 }
 
 /// Watches, one statistics report at a time, for a consumer that does not get back into its group: its group's
-/// join state is not `steady` in any report for `timeout_ms`. After a broker restart librdkafka (2.12) can stay
-/// so for good: the revoke of a lost assignment waits for a commit sent while the coordinator was away, that
-/// commit waits in the queue of a coordinator no longer known, and no broker connection is made again to find
-/// one (its debug log repeats "no broker available for coordinator query" with the broker up). Nothing short of
-/// a new consumer gets it back.
+/// join state is not `steady` in any report for `timeout_ms`. librdkafka can stay so for good after a broker
+/// restart (docs/RELIABILITY.md, "Kafka broker restarted"), and nothing short of a new consumer gets it back.
 #[derive(Debug)]
 pub struct RejoinWatch {
     timeout_ms: i64,
