@@ -3,7 +3,7 @@
 //! Turns a PostgreSQL application's transactional outbox into MongoDB read models:
 //!
 //! ```text
-//! PostgreSQL WAL -> Debezium (Kafka Connect) -> Kafka -> [kafka] -> [decode] -> [registry] -> handlers -> MongoDB
+//! PostgreSQL WAL -> Debezium (Kafka Connect) -> Kafka -> [kafka] -> [lanes] -> [pipeline] -> handlers -> MongoDB
 //!                                                          |            |                          |
 //!                                                     commit from   undecodable            permanent failure
 //!                                                     [kafka::offsets]   `--------> [dlq] <--------'
@@ -15,16 +15,18 @@
 //! nothing. Together that is effectively-once processing on a standalone MongoDB, without transactions.
 //!
 //! ## Layout
-//! - [`config`]: environment variables, validated once.
-//! - [`app`]: wiring and the consumer loop ([`app::run`]); [`shutdown`]: the signal.
-//! - [`kafka`]: consumer, rebalances, commits; [`kafka::offsets`]: what may be committed.
-//! - [`decode`]: every Debezium record shape into an [`event::OutboxEvent`].
-//! - [`dispatch`]: keyed lanes (per-key order, bounded concurrency across keys); [`pipeline`]: per-record
-//!   processing: fan-out, retries, isolation, dead letters.
-//! - [`registry`]: the [`registry::EventHandler`] trait and registration; [`handlers`]: the shipped read models.
-//! - [`store`]: MongoDB client, error classes, the guarded upsert; [`writer`]: coalesces handlers' writes into
-//!   bulk commands; [`dlq`]: the dead-letter topic.
-//! - [`health`], [`http`], [`telemetry`]: what operators see; [`replay`]: re-running dead letters.
+//! docs/ARCHITECTURE.md has the picture, each module's job and where each guarantee is kept.
+//! - [`config`]: environment variables, validated once; [`app`]: wiring ([`app::run`]); [`shutdown`]: the signal.
+//! - [`kafka`]: delivery: the poller and the consumer loop ([`kafka::delivery`]), what may be committed
+//!   ([`kafka::offsets`]), librdkafka's callbacks, every client's configuration ([`kafka::client`]).
+//! - [`lanes`]: keyed lanes (per-key order, bounded concurrency across keys); [`pipeline`]: one record: decode,
+//!   fan-out, retries, isolation, dead letters; [`decode`]: every Debezium record shape into an
+//!   [`event::OutboxEvent`].
+//! - [`handler`]: the [`EventHandler`] API; [`registry`]: which handlers run for which event type;
+//!   [`handlers`]: the shipped read models.
+//! - [`store`]: MongoDB client and error classes; [`writer`]: coalesces handlers' writes into bulk commands;
+//!   [`ledger`]: event ids seen; [`dlq`]: the dead-letter topic; [`replay`]: re-running dead letters.
+//! - [`health`], [`http`], [`telemetry`], [`redact`], [`catalogue`]: what operators see, and what they never see.
 
 pub mod app;
 pub mod catalogue;

@@ -10,10 +10,9 @@ use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::delivery::{Polled, Revocation};
+use super::delivery::{Handoff, Revocation};
 use super::{OffsetTracker, Tp, to_tpl, tpl_to_vec};
 use crate::health::Health;
 
@@ -21,8 +20,8 @@ use crate::health::Health;
 pub(crate) struct GroupContext {
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub health: Arc<Health>,
-    /// The poller's channel to the delivery loop: a revoke goes in behind the records polled before it.
-    pub to_loop: mpsc::Sender<Polled>,
+    /// The poller's way to the delivery loop: a revoke goes in behind the records polled before it.
+    pub handoff: Arc<Handoff>,
     /// How long a revoke waits for the loop's answer: the loop's drain timeout, plus the time it may take to
     /// read the revoke while its in-flight limit holds it.
     pub answer_within: Duration,
@@ -119,14 +118,12 @@ impl GroupContext {
     /// loop may be gone (shutdown, or the consumer closing) or late: then what the tracker has is taken as is.
     fn hand_over(&self, partitions: &[Tp], lost: bool) -> Vec<(Tp, i64)> {
         let (answer, answered) = std::sync::mpsc::sync_channel(1);
-        let revocation = Polled::Revoked(Revocation {
+        let revocation = Revocation {
             partitions: partitions.to_vec(),
             lost,
             answer,
-        });
-        // Blocking here is the point: this thread is the poller's, not the runtime's. The loop reads the channel
-        // whenever it is not held by the in-flight limit, and within a second when it is.
-        if !self.to_loop.is_closed() && self.to_loop.blocking_send(revocation).is_ok() {
+        };
+        if self.handoff.send_revoke(revocation) {
             match answered.recv_timeout(self.answer_within) {
                 Ok(offsets) => return offsets,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => tracing::warn!(

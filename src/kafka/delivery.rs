@@ -13,6 +13,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Message, OwnedMessage};
@@ -46,11 +47,64 @@ const AFTER_ERROR: Duration = Duration::from_millis(100);
 
 /// What the poller hands the loop, in the order librdkafka produced it.
 pub(crate) enum Polled {
-    Record(OwnedMessage),
+    /// What the consumer had ready at one go, up to `KAFKA_MAX_POLL_RECORDS`: one hand-off per burst instead
+    /// of one per record.
+    Records(Vec<OwnedMessage>),
     Error(KafkaError),
     /// Partitions leave this consumer. Every record of theirs polled before the revoke is ahead of it in the
     /// channel, every record polled after it (from a partition assigned back meanwhile) behind it.
     Revoked(Revocation),
+}
+
+/// The poller's side of the channel to the loop, shared with the rebalance callback. Both run on the poller
+/// thread (the callback inside a `recv`), so the lock is never contended; it is there because librdkafka's
+/// context must be `Sync`.
+pub(crate) struct Handoff {
+    /// Records polled and not sent yet.
+    pending: Mutex<Vec<OwnedMessage>>,
+    to_loop: mpsc::Sender<Polled>,
+}
+
+impl Handoff {
+    fn push(&self, m: OwnedMessage) -> usize {
+        let mut p = crate::lock(&self.pending);
+        p.push(m);
+        p.len()
+    }
+
+    fn take_pending(&self) -> Vec<OwnedMessage> {
+        std::mem::take(&mut *crate::lock(&self.pending))
+    }
+
+    /// Sends from the poller, giving up on `stop`; false once the loop is gone.
+    async fn send(&self, polled: Polled, stop: &CancellationToken) -> bool {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
+            sent = self.to_loop.send(polled) => sent.is_ok(),
+        }
+    }
+
+    /// Sends a revoke from the callback, behind the records polled before it; false when the loop is gone.
+    /// Blocking is the point: this is the poller thread, not the runtime's, and the loop reads the channel
+    /// whenever the in-flight limit does not hold it, and within [`PAUSE_AFTER`] when it does.
+    pub(crate) fn send_revoke(&self, revocation: Revocation) -> bool {
+        if self.to_loop.is_closed() {
+            return false;
+        }
+        let pending = self.take_pending();
+        if !pending.is_empty()
+            && self
+                .to_loop
+                .blocking_send(Polled::Records(pending))
+                .is_err()
+        {
+            return false;
+        }
+        self.to_loop
+            .blocking_send(Polled::Revoked(revocation))
+            .is_ok()
+    }
 }
 
 /// A revoke waiting for the loop's answer: the finished offsets to commit before the partitions move.
@@ -70,12 +124,17 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
-    let (to_loop, polled) = mpsc::channel(config.kafka_max_poll_records.max(1));
+    // A few bursts: while the in-flight limit holds the loop, records wait in librdkafka's queue instead.
+    let (to_loop, polled) = mpsc::channel(4);
+    let handoff = Arc::new(Handoff {
+        pending: Mutex::new(Vec::new()),
+        to_loop,
+    });
     let out_of_group = CancellationToken::new();
     let context = GroupContext {
         tracker: tracker.clone(),
         health: health.clone(),
-        to_loop: to_loop.clone(),
+        handoff: handoff.clone(),
         answer_within: config.rebalance_drain_timeout() + PAUSE_AFTER + Duration::from_secs(2),
         caught_up_at: Default::default(),
         rejoin: Mutex::new(super::RejoinWatch::new(config.kafka_rejoin_timeout_ms)),
@@ -87,7 +146,12 @@ pub async fn run(
     })?);
     info!(topics = ?config.topics(), group = %config.kafka_group_id, "Subscribed");
     let stop_polling = CancellationToken::new();
-    let poller = spawn_poller(consumer.clone(), to_loop, stop_polling.clone())?;
+    let poller = spawn_poller(
+        consumer.clone(),
+        handoff,
+        config.kafka_max_poll_records.max(1),
+        stop_polling.clone(),
+    )?;
 
     let work_cancel = processor.cancel.clone();
     let lanes = Lanes::new(processor, tracker.clone());
@@ -141,12 +205,13 @@ pub async fn run(
     result
 }
 
-/// Starts the poller thread: it drives the consumer (so librdkafka's callbacks run on it) and forwards what
-/// it gets to the loop, waiting while the channel is full (the loop reads it whenever the in-flight limit does
-/// not hold it, and within [`PAUSE_AFTER`] when it does). Ends on `stop` or once the loop is gone.
+/// Starts the poller thread: it drives the consumer (so librdkafka's callbacks run on it) and sends the loop,
+/// burst by burst, what the consumer has ready, waiting while the channel is full. Ends on `stop` or once the
+/// loop is gone.
 fn spawn_poller(
     consumer: Arc<Kafka>,
-    to_loop: mpsc::Sender<Polled>,
+    handoff: Arc<Handoff>,
+    max: usize,
     stop: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -154,22 +219,41 @@ fn spawn_poller(
         .spawn(move || {
             // Not a tokio runtime: the revoke callback blocks this thread on the loop's answer.
             futures::executor::block_on(async {
+                let mut stream = consumer.stream();
                 loop {
-                    let polled = tokio::select! {
+                    let first = tokio::select! {
                         biased;
                         _ = stop.cancelled() => return,
-                        r = consumer.recv() => match r {
-                            Ok(m) => Polled::Record(m.detach()),
-                            Err(e) => Polled::Error(e),
-                        },
+                        m = stream.next() => m,
                     };
-                    let after_error = matches!(polled, Polled::Error(_));
-                    tokio::select! {
-                        biased;
-                        _ = stop.cancelled() => return,
-                        sent = to_loop.send(polled) => if sent.is_err() { return },
+                    let mut error = None;
+                    match first {
+                        Some(Ok(m)) => {
+                            handoff.push(m.detach());
+                        }
+                        Some(Err(e)) => error = Some(e),
+                        None => return,
                     }
-                    if after_error {
+                    // Then what is ready already, without waiting.
+                    while error.is_none() {
+                        match stream.next().now_or_never() {
+                            Some(Some(Ok(m))) => {
+                                if handoff.push(m.detach()) >= max {
+                                    break;
+                                }
+                            }
+                            Some(Some(Err(e))) => error = Some(e),
+                            _ => break,
+                        }
+                    }
+                    let records = handoff.take_pending();
+                    if !records.is_empty() && !handoff.send(Polled::Records(records), &stop).await {
+                        return;
+                    }
+                    if let Some(e) = error {
+                        if !handoff.send(Polled::Error(e), &stop).await {
+                            return;
+                        }
                         std::thread::sleep(AFTER_ERROR);
                     }
                 }
@@ -296,8 +380,8 @@ impl Loop<'_> {
         hold: bool,
     ) -> anyhow::Result<bool> {
         match polled {
-            Some(Polled::Record(m)) if hold => self.carry.push(m),
-            Some(Polled::Record(m)) => batch.push(m),
+            Some(Polled::Records(r)) if hold => self.carry.extend(r),
+            Some(Polled::Records(r)) => batch.extend(r),
             Some(Polled::Error(e)) => {
                 recv_error(e);
                 return Ok(false);
