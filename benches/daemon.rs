@@ -58,6 +58,7 @@ const PARTITIONS: i32 = 6;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[derive(Clone)]
 struct Env {
     kafka: String,
     mongo: String,
@@ -66,6 +67,8 @@ struct Env {
     repeat: usize,
     quick: bool,
     bin: Option<PathBuf>,
+    /// The command that restarts the MongoDB-wire server on an empty data directory (`BENCH_FRESH_MONGO`).
+    fresh_mongo: Option<String>,
 }
 
 fn var(name: &str) -> anyhow::Result<String> {
@@ -493,7 +496,7 @@ async fn server_ceiling(env: &Env, records: &[(String, String)]) -> anyhow::Resu
 /// 100 records.
 async fn per_event(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
     let db_name = fresh(env, "perevent");
-    let client = mongodb::Client::with_uri_str(&env.mongo).await?;
+    let client = event_processor::store::connect(&env.mongo, "per-event").await?;
     let db = client.database(&db_name);
     event_processor::store::ensure_indexes(&db, shipped()?.indexes()).await?;
     let ctx = HandlerContext {
@@ -566,15 +569,132 @@ impl EventHandler for Probe {
 async fn latency_runs(env: &Env, pg: bool, count: usize, rate: f64) -> anyhow::Result<Vec<Value>> {
     let mut runs = Vec::new();
     for _ in 0..env.repeat {
-        let ms = latency(env, pg, count, rate).await?;
-        runs.push(json!({"p50_ms": pct(&ms, 50.0), "p99_ms": pct(&ms, 99.0), "p999_ms": pct(&ms, 99.9), "events": ms.len()}));
+        fresh_server(env)?;
+        let ms = latency(env, pg, count, rate, Subject::Daemon).await?;
+        runs.push(latency_run(&ms));
     }
     Ok(runs)
 }
 
+fn latency_run(ms: &[f64]) -> Value {
+    json!({"p50_ms": pct(ms, 50.0), "p99_ms": pct(ms, 99.0), "p999_ms": pct(ms, 99.9), "events": ms.len()})
+}
+
+/// Who consumes in a latency run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Subject {
+    /// The daemon, in process.
+    Daemon,
+    /// The design being replaced: one record at a time, each handler awaited in turn, one statement per
+    /// command (the probe right after the `users` write, so that it marks when the user document is visible).
+    PerEvent,
+}
+
+/// Kafka -> MongoDB latency of the daemon and of the per-event design at `rate`, `env.repeat` times each,
+/// alternating, each subject on a fresh server when `BENCH_FRESH_MONGO` says how to get one.
+async fn latency_pair(env: &Env, count: usize, rate: f64) -> anyhow::Result<Value> {
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for i in 0..env.repeat {
+        for part in in_turn(i, 2) {
+            fresh_server(env)?;
+            if part == 0 {
+                ours.push(latency_run(
+                    &latency(env, false, count, rate, Subject::Daemon).await?,
+                ));
+            } else {
+                base.push(latency_run(
+                    &latency(env, false, count, rate, Subject::PerEvent).await?,
+                ));
+            }
+        }
+    }
+    let (ours, base) = (summarize(ours), summarize(base));
+    let ratio =
+        |k: &str| ours[k].as_f64().unwrap_or(f64::NAN) / base[k].as_f64().unwrap_or(f64::NAN);
+    eprintln!(
+        "[bench]   daemon p50 {:.1} / p99 {:.1} ms; per-event p50 {:.1} / p99 {:.1} ms",
+        ours["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        ours["p99_ms"].as_f64().unwrap_or(f64::NAN),
+        base["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        base["p99_ms"].as_f64().unwrap_or(f64::NAN),
+    );
+    Ok(
+        json!({"events": count, "rate_per_s": rate, "daemon": ours, "per_event": base,
+        "p50_ratio_to_per_event": ratio("p50_ms"), "p99_ratio_to_per_event": ratio("p99_ms")}),
+    )
+}
+
+/// Restarts the MongoDB-wire server on an empty data directory when `BENCH_FRESH_MONGO` names the command that
+/// does it (`scripts/bench` sets `scripts/stack fresh mongo`): its cost per command grows with the writes one
+/// server process has served, so every measured subject starts from the same state.
+fn fresh_server(env: &Env) -> anyhow::Result<()> {
+    let Some(cmd) = &env.fresh_mongo else {
+        return Ok(());
+    };
+    let status = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    ensure!(
+        status.success(),
+        "BENCH_FRESH_MONGO `{cmd}` failed: {status}"
+    );
+    Ok(())
+}
+
+/// The per-event design consuming `topic` until `stop`: see [`Subject::PerEvent`].
+async fn per_event_consumer(
+    env: &Env,
+    topic: &str,
+    db_name: &str,
+    probe: Arc<dyn EventHandler>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let client = event_processor::store::connect(&env.mongo, "per-event").await?;
+    let db = client.database(db_name);
+    event_processor::store::ensure_indexes(&db, shipped()?.indexes()).await?;
+    let ctx = HandlerContext {
+        db: db.clone(),
+        writer: Writer::direct(db),
+    };
+    let registry = shipped()?;
+    let mut config = consumer_config(env, &fresh(env, "perevent"));
+    config.set("auto.offset.reset", "latest");
+    let c: StreamConsumer = config.create()?;
+    c.subscribe(&[topic])?;
+    let mut taken = 0u64;
+    loop {
+        let m = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            m = c.recv() => m?,
+        };
+        if let Ok(Decoded::Event(e)) = decode(&m) {
+            let mut handlers = registry.handlers_for(&e.event_type).to_vec();
+            if e.event_type == probe.event_type() {
+                handlers.insert(1.min(handlers.len()), probe.clone());
+            }
+            for h in handlers {
+                h.handle(&e, &ctx)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("per-event: {e}"))?;
+            }
+        }
+        taken += 1;
+        if taken.is_multiple_of(100) {
+            c.commit_message(&m, CommitMode::Sync)?;
+        }
+    }
+}
+
 /// Sends `count` sign-ups at `rate` per second, to Kafka (`pg == false`) or as outbox rows to PostgreSQL, and
 /// returns each one's latency in milliseconds: the probe's acknowledgement minus the moment it was handed over.
-async fn latency(env: &Env, pg: bool, count: usize, rate: f64) -> anyhow::Result<Vec<f64>> {
+async fn latency(
+    env: &Env,
+    pg: bool,
+    count: usize,
+    rate: f64,
+    subject: Subject,
+) -> anyhow::Result<Vec<f64>> {
     let topic = if pg {
         "postgres.activity.event_outbox".to_string()
     } else {
@@ -586,18 +706,22 @@ async fn latency(env: &Env, pg: bool, count: usize, rate: f64) -> anyhow::Result
     let mut config = daemon_config(env, &topic, &db)?;
     config.kafka_auto_offset_reset = "latest".into();
     let seen = Arc::new(Mutex::new(HashMap::new()));
-    let mut registry = shipped()?;
-    registry.register(Arc::new(Probe(seen.clone())))?;
-    log_in_process(env)?;
+    let probe: Arc<dyn EventHandler> = Arc::new(Probe(seen.clone()));
     let token = CancellationToken::new();
-    let daemon = tokio::spawn(event_processor::run_with_registry(
-        config,
-        registry,
-        token.clone(),
-    ));
+    let consumer = if subject == Subject::PerEvent {
+        let (env, topic, db, probe, token) =
+            (env.clone(), topic.clone(), db.clone(), probe, token.clone());
+        tokio::spawn(async move { per_event_consumer(&env, &topic, &db, probe, token).await })
+    } else {
+        let mut registry = shipped()?;
+        registry.register(probe)?;
+        log_in_process(env)?;
+        let daemon = event_processor::run_with_registry(config, registry, token.clone());
+        tokio::spawn(daemon)
+    };
     let result = drive_latency(env, pg, &topic, count, rate, &seen).await;
     token.cancel();
-    daemon.await??;
+    consumer.await??;
     drop_db(env, &db).await;
     result
 }
@@ -994,6 +1118,9 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(if quick { 1 } else { 3 }),
         quick,
         bin: std::env::var_os("BENCH_BIN").map(PathBuf::from),
+        fresh_mongo: std::env::var("BENCH_FRESH_MONGO")
+            .ok()
+            .filter(|c| !c.is_empty()),
     };
     let (n_kafka, n_mongo, n_per_event) = if env.quick {
         (5_000, 600, 150)
@@ -1012,14 +1139,8 @@ async fn main() -> anyhow::Result<()> {
     // BENCH_ONLY=latency: Kafka -> MongoDB latency at the low rates where waiting for more records would show
     // (20/s and 100/s, 10 s of events each per repeat).
     if only == "latency" {
-        let mut lat = serde_json::Map::new();
-        for rate in [20.0, 100.0] {
-            let count = (rate * 10.0) as usize;
-            eprintln!("[bench] Kafka -> MongoDB latency at {rate}/s, {count} events");
-            let runs = latency_runs(&env, false, count, rate).await?;
-            lat.insert(format!("kafka_{rate}_per_s"), summarize(runs));
-        }
-        println!("{}", serde_json::to_string_pretty(&Value::Object(lat))?);
+        low_load_latency(&env, &mut out).await?;
+        println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
         return Ok(());
     }
     if only == "scaling" {
@@ -1053,15 +1174,43 @@ async fn main() -> anyhow::Result<()> {
     let handlers = shipped()?;
     let work = (records.len(), calls(&handlers, &records));
     let (mut ceil, mut ours, mut base) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours_work, mut base_work) = (Vec::new(), Vec::new());
     for i in 0..env.repeat {
         for part in in_turn(i, 3) {
+            fresh_server(&env)?;
+            let before = MongoWork::now();
             match part {
                 0 => ceil.push(server_ceiling(&env, &records).await?),
-                1 => ours.push(pipeline(&env, &topic, work, &handlers, true).await?),
-                _ => base.push(per_event(&env, &topic, n_per_event).await?),
+                1 => {
+                    ours.push(pipeline(&env, &topic, work, &handlers, true).await?);
+                    ours_work.push(MongoWork::now().since(&before, records.len()));
+                }
+                _ => {
+                    base.push(per_event(&env, &topic, n_per_event).await?);
+                    base_work.push(MongoWork::now().since(&before, n_per_event));
+                }
             }
         }
     }
+    let (ours_work, base_work) = (MongoWork::median(&ours_work), MongoWork::median(&base_work));
+    eprintln!(
+        "[bench]   MongoDB work per 1,000 events: daemon {:.0} commands, {:.0} statements, {:.0} KiB; per-event \
+         {:.0} commands, {:.0} statements, {:.0} KiB",
+        ours_work.commands,
+        ours_work.statements,
+        ours_work.bytes / 1024.0,
+        base_work.commands,
+        base_work.statements,
+        base_work.bytes / 1024.0
+    );
+    out.insert(
+        "mongodb_work_per_1000_events".into(),
+        json!({
+            "daemon": ours_work.to_json(), "per_event": base_work.to_json(),
+            "command_ratio_to_per_event": ours_work.commands / base_work.commands,
+            "statement_ratio_to_per_event": ours_work.statements / base_work.statements,
+        }),
+    );
     let (c, o, b) = (
         median(ceil.clone()),
         median(ours.clone()),
@@ -1073,7 +1222,7 @@ async fn main() -> anyhow::Result<()> {
         o / c
     );
     out.insert("with_mongodb".into(), json!({
-        "records": n_mongo, "per_event_records": n_per_event,
+        "records": n_mongo, "per_event_records": n_per_event, "server": server_state(&env),
         "server_ceiling_per_s": ceil, "pipeline_per_s": ours, "per_event_per_s": base,
         "median_server_ceiling_per_s": c, "median_pipeline_per_s": o, "median_per_event_per_s": b,
         "ratio_to_ceiling": o / c, "ratio_to_per_event": o / b,
@@ -1085,6 +1234,9 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
         return Ok(());
     }
+
+    low_load_latency(&env, &mut out).await?;
+    save(&out)?;
 
     // Latency at fixed rates: 1000/s, and half the pipeline's measured maximum.
     let half = (o / 2.0).max(1.0).round();
@@ -1130,6 +1282,94 @@ async fn main() -> anyhow::Result<()> {
     save(&out)?;
     println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
     Ok(())
+}
+
+/// Kafka -> MongoDB latency at the low rates where waiting for more records would show (20/s and 100/s, 10 s
+/// of events per run), the daemon against the per-event design.
+async fn low_load_latency(
+    env: &Env,
+    out: &mut serde_json::Map<String, Value>,
+) -> anyhow::Result<()> {
+    let mut lat = serde_json::Map::new();
+    for rate in [20.0, 100.0] {
+        let count = if env.quick {
+            40
+        } else {
+            (rate * 10.0) as usize
+        };
+        eprintln!(
+            "[bench] Kafka -> MongoDB latency at {rate}/s, {count} events: daemon and per-event design"
+        );
+        lat.insert(
+            format!("kafka_{rate}_per_s"),
+            latency_pair(env, count, rate).await?,
+        );
+    }
+    lat.insert("server".into(), json!(server_state(env)));
+    out.insert("low_load_latency".into(), Value::Object(lat));
+    Ok(())
+}
+
+/// What state each measured subject found the MongoDB-wire server in.
+fn server_state(env: &Env) -> &'static str {
+    if env.fresh_mongo.is_some() {
+        "restarted on an empty data directory before each subject"
+    } else {
+        "shared by every subject (BENCH_FRESH_MONGO not set)"
+    }
+}
+
+/// What was sent to MongoDB, from the driver's command monitoring as the daemon exports it
+/// (`event_processor_mongodb_*_total`, every client made by `store::connect`): it does not depend on how fast
+/// the server is.
+#[derive(Clone, Copy, Default)]
+struct MongoWork {
+    commands: f64,
+    statements: f64,
+    bytes: f64,
+}
+
+impl MongoWork {
+    /// The counters so far (the recorder is installed by the first call).
+    fn now() -> MongoWork {
+        let page = event_processor::http::metrics_handle()
+            .map(|h| h.render())
+            .unwrap_or_default();
+        let total = |name: &str| -> f64 {
+            page.lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        MongoWork {
+            commands: total(event_processor::catalogue::MONGODB_COMMANDS),
+            statements: total(event_processor::catalogue::MONGODB_STATEMENTS),
+            bytes: total(event_processor::catalogue::MONGODB_BYTES),
+        }
+    }
+
+    /// Per 1,000 of `events`, since `before`.
+    fn since(&self, before: &MongoWork, events: usize) -> MongoWork {
+        let per = 1000.0 / events.max(1) as f64;
+        MongoWork {
+            commands: (self.commands - before.commands) * per,
+            statements: (self.statements - before.statements) * per,
+            bytes: (self.bytes - before.bytes) * per,
+        }
+    }
+
+    fn median(runs: &[MongoWork]) -> MongoWork {
+        let m = |f: fn(&MongoWork) -> f64| median(runs.iter().map(f).collect());
+        MongoWork {
+            commands: m(|w| w.commands),
+            statements: m(|w| w.statements),
+            bytes: m(|w| w.bytes),
+        }
+    }
+
+    fn to_json(self) -> Value {
+        json!({"commands": self.commands, "statements": self.statements, "bytes": self.bytes})
+    }
 }
 
 /// Writes what is measured so far to `BENCH_OUT` (if set), after every part: a part that fails late does not
