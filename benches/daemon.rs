@@ -537,7 +537,14 @@ async fn drop_db(env: &Env, name: &str) {
 // ---------------------------------------------------------------------------------------------------------------
 // Latency: a probe handler beside the shipped ones records when MongoDB acknowledged its upsert.
 
-struct Probe(Arc<Mutex<HashMap<String, i64>>>);
+/// Marks when an event's `users` document is visible. Run by the daemon, it writes a statement of its own to
+/// `users`, which goes in the same command as the user's (one command per collection per write round), so its
+/// acknowledgement is the user document's. Run by the per-event design right after the `users` handler, which
+/// awaited its write, it writes nothing.
+struct Probe {
+    seen: Arc<Mutex<HashMap<String, i64>>>,
+    write: bool,
+}
 
 #[async_trait]
 impl EventHandler for Probe {
@@ -548,15 +555,17 @@ impl EventHandler for Probe {
         "LatencyProbe"
     }
     async fn handle(&self, e: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {
-        event_processor::handler::update_one(
-            ctx,
-            "latency_probe",
-            doc! { "_id": &e.event_id },
-            doc! { "$set": { "seen": true } },
-            true,
-        )
-        .await?;
-        self.0
+        if self.write {
+            event_processor::handler::update_one(
+                ctx,
+                "users",
+                doc! { "_id": format!("probe:{}", e.event_id) },
+                doc! { "$set": { "probe": true } },
+                true,
+            )
+            .await?;
+        }
+        self.seen
             .lock()
             .unwrap()
             .entry(e.event_id.clone())
@@ -706,7 +715,10 @@ async fn latency(
     let mut config = daemon_config(env, &topic, &db)?;
     config.kafka_auto_offset_reset = "latest".into();
     let seen = Arc::new(Mutex::new(HashMap::new()));
-    let probe: Arc<dyn EventHandler> = Arc::new(Probe(seen.clone()));
+    let probe: Arc<dyn EventHandler> = Arc::new(Probe {
+        seen: seen.clone(),
+        write: subject == Subject::Daemon,
+    });
     let token = CancellationToken::new();
     let consumer = if subject == Subject::PerEvent {
         let (env, topic, db, probe, token) =
