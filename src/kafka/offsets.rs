@@ -210,7 +210,7 @@ impl OffsetTracker {
             .and_then(|(_, _, timestamp)| *timestamp)
     }
 
-    /// Records taken into processing and not finished (the dispatcher counts them for the loop).
+    /// Records taken into processing and not finished (the lanes count them for the loop).
     #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.parts
