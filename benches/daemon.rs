@@ -496,14 +496,7 @@ async fn server_ceiling(env: &Env, records: &[(String, String)]) -> anyhow::Resu
 /// 100 records.
 async fn per_event(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
     let db_name = fresh(env, "perevent");
-    let client = event_processor::store::connect(&env.mongo, "per-event").await?;
-    let db = client.database(&db_name);
-    event_processor::store::ensure_indexes(&db, shipped()?.indexes()).await?;
-    let ctx = HandlerContext {
-        db: db.clone(),
-        writer: Writer::direct(db),
-    };
-    let registry = shipped()?;
+    let design = PerEvent::start(env, &db_name, None).await?;
     let c: StreamConsumer = consumer_config(env, &fresh(env, "perevent")).create()?;
     c.subscribe(&[topic])?;
     let mut first = None;
@@ -512,13 +505,7 @@ async fn per_event(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
             .await
             .context("per-event consumer: no record within 60 s")??;
         first.get_or_insert_with(Instant::now);
-        if let Ok(Decoded::Event(e)) = decode(&m) {
-            for h in registry.handlers_for(&e.event_type) {
-                h.handle(&e, &ctx)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("per-event: {e}"))?;
-            }
-        }
+        design.apply(&m).await?;
         if i % 100 == 0 {
             c.commit_message(&m, CommitMode::Sync)?;
         }
@@ -526,6 +513,57 @@ async fn per_event(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
     let rate = n as f64 / first.map_or(1.0, |f| f.elapsed().as_secs_f64());
     drop_db(env, &db_name).await;
     Ok(rate)
+}
+
+/// The per-event design's handlers: the shipped ones, each write its own command (`Writer::direct`), through a
+/// client counted by the command monitoring; with a latency probe right after the first handler of its type.
+struct PerEvent {
+    ctx: HandlerContext,
+    registry: Registry,
+    probe: Option<Arc<dyn EventHandler>>,
+}
+
+impl PerEvent {
+    async fn start(
+        env: &Env,
+        db_name: &str,
+        probe: Option<Arc<dyn EventHandler>>,
+    ) -> anyhow::Result<PerEvent> {
+        let client = event_processor::store::connect(&env.mongo, "per-event").await?;
+        let db = client.database(db_name);
+        let registry = shipped()?;
+        event_processor::store::ensure_indexes(&db, registry.indexes()).await?;
+        let ctx = HandlerContext {
+            db: db.clone(),
+            writer: Writer::direct(db),
+        };
+        Ok(PerEvent {
+            ctx,
+            registry,
+            probe,
+        })
+    }
+
+    /// Decodes a record and runs its handlers one after the other, each awaited.
+    async fn apply<M: rdkafka::Message>(&self, m: &M) -> anyhow::Result<()> {
+        let Ok(Decoded::Event(e)) = decode(m) else {
+            return Ok(());
+        };
+        let mut handlers = self.registry.handlers_for(&e.event_type).to_vec();
+        if let Some(probe) = self
+            .probe
+            .as_ref()
+            .filter(|p| p.event_type() == e.event_type)
+        {
+            handlers.insert(1.min(handlers.len()), probe.clone());
+        }
+        for h in handlers {
+            h.handle(&e, &self.ctx)
+                .await
+                .map_err(|e| anyhow::anyhow!("per-event: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 async fn drop_db(env: &Env, name: &str) {
@@ -659,14 +697,7 @@ async fn per_event_consumer(
     probe: Arc<dyn EventHandler>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = event_processor::store::connect(&env.mongo, "per-event").await?;
-    let db = client.database(db_name);
-    event_processor::store::ensure_indexes(&db, shipped()?.indexes()).await?;
-    let ctx = HandlerContext {
-        db: db.clone(),
-        writer: Writer::direct(db),
-    };
-    let registry = shipped()?;
+    let design = PerEvent::start(env, db_name, Some(probe)).await?;
     let mut config = consumer_config(env, &fresh(env, "perevent"));
     config.set("auto.offset.reset", "latest");
     let c: StreamConsumer = config.create()?;
@@ -677,17 +708,7 @@ async fn per_event_consumer(
             _ = stop.cancelled() => return Ok(()),
             m = c.recv() => m?,
         };
-        if let Ok(Decoded::Event(e)) = decode(&m) {
-            let mut handlers = registry.handlers_for(&e.event_type).to_vec();
-            if e.event_type == probe.event_type() {
-                handlers.insert(1.min(handlers.len()), probe.clone());
-            }
-            for h in handlers {
-                h.handle(&e, &ctx)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("per-event: {e}"))?;
-            }
-        }
+        design.apply(&m).await?;
         taken += 1;
         if taken.is_multiple_of(100) {
             c.commit_message(&m, CommitMode::Sync)?;
