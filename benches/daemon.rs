@@ -1176,6 +1176,12 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
         return Ok(());
     }
+    // BENCH_ONLY=rebuild: how long `event-processor rebuild` takes over 10,000 and 100,000 events.
+    if only == "rebuild" {
+        rebuild_times(&env, &mut out).await?;
+        println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
+        return Ok(());
+    }
     if only == "scaling" {
         let records = workload(n_mongo);
         let (one, three) = (
@@ -1340,6 +1346,70 @@ async fn low_load_latency(
     }
     lat.insert("server".into(), json!(server_state(env)));
     out.insert("low_load_latency".into(), Value::Object(lat));
+    Ok(())
+}
+
+/// The time a rebuild takes over a topic of `n` events of the standard mix that the live daemon has applied
+/// (it is stopped, so the rebuild has the machine to itself): one read model (`users`), then all four handlers'.
+/// Beside them, the time the live daemon took to apply the same events from scratch.
+async fn rebuild_times(env: &Env, out: &mut serde_json::Map<String, Value>) -> anyhow::Result<()> {
+    let sizes: &[usize] = if env.quick {
+        &[2_000]
+    } else {
+        &[10_000, 100_000]
+    };
+    let mut results = serde_json::Map::new();
+    for &n in sizes {
+        eprintln!("[bench] rebuild over {n} events");
+        let records = workload(n);
+        let topic = fill(env, &records).await?;
+        let db = fresh(env, "rebuild");
+        fresh_server(env)?;
+        log_in_process(env)?;
+        let config = daemon_config(env, &topic, &db)?;
+        let group = config.kafka_group_id.clone();
+        let token = CancellationToken::new();
+        let started = Instant::now();
+        let live = tokio::spawn(event_processor::run_with_registry(
+            config.clone(),
+            shipped()?,
+            token.clone(),
+        ));
+        while committed_total(env, &group, &topic)? < n as i64 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let live_secs = started.elapsed().as_secs_f64();
+        token.cancel();
+        live.await??;
+        let mut row = serde_json::Map::new();
+        row.insert("live_from_scratch_s".into(), json!(live_secs));
+        let all: Vec<String> = shipped()?.names().iter().map(|s| s.to_string()).collect();
+        for (label, handlers) in [
+            ("users_s", vec!["UserCreatedHandler".to_string()]),
+            ("all_handlers_s", all),
+        ] {
+            let started = Instant::now();
+            event_processor::rebuild::run(
+                config.clone(),
+                shipped()?,
+                event_processor::rebuild::Options {
+                    handlers,
+                    allow_incomplete_history: false,
+                },
+                CancellationToken::new(),
+            )
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the rebuild stopped before its end"))?;
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "[bench]   {n} events: {label} {secs:.1} s (live from scratch {live_secs:.1} s)"
+            );
+            row.insert(label.into(), json!(secs));
+        }
+        results.insert(n.to_string(), Value::Object(row));
+    }
+    results.insert("server".into(), json!(server_state(env)));
+    out.insert("rebuild".into(), Value::Object(results));
     Ok(())
 }
 

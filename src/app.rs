@@ -16,6 +16,7 @@ use crate::health::Health;
 use crate::kafka;
 use crate::pipeline::{ProcessingSettings, Processor};
 use crate::registry::Registry;
+use crate::routes::{self, Routes};
 use crate::store;
 
 /// Runs the daemon until `shutdown` is cancelled, with the shipped handlers.
@@ -31,7 +32,26 @@ pub async fn run_with_registry(
     registry: Registry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    info!(config = ?config, handlers = ?registry.names(), "Starting event-processor");
+    serve(config, registry, Target::Live, shutdown).await
+}
+
+/// Where the handlers' read models go.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// The live read models: `MONGODB_DATABASE`, or where the route table sends each handler (`crate::routes`).
+    Live,
+    /// A rebuild's own database, whatever the route table says (`crate::rebuild`).
+    Rebuild { database: String },
+}
+
+/// Runs the handlers of `registry` over the subscribed topics into `target` until `shutdown` is cancelled.
+pub async fn serve(
+    config: Config,
+    registry: Registry,
+    target: Target,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    info!(config = ?config, handlers = ?registry.names(), target = ?target, "Starting event-processor");
     let health = Arc::new(Health::new());
     let http_stop = CancellationToken::new();
     if let Some(handle) = crate::http::metrics_handle() {
@@ -59,14 +79,23 @@ pub async fn run_with_registry(
     let client = store::connect(config.mongodb_uri.expose(), "event-processor")
         .await
         .with_context(|| format!("parsing MONGODB_URI {}", config.mongodb_uri))?;
-    let db = client.database(&config.mongodb_database);
+    let home = match &target {
+        Target::Live => config.mongodb_database.clone(),
+        Target::Rebuild { database } => database.clone(),
+    };
+    let db = client.database(&home);
+    let routes = Arc::new(Routes::default());
     // MongoDB may come up after us: wait for it rather than fail, readiness says why we are not ready. Only the
     // registered handlers' indexes are created.
     let indexes = registry.indexes();
     loop {
         let ready = async {
             store::ping(&db).await?;
-            store::ensure_indexes(&db, indexes.clone()).await
+            store::ensure_indexes(&db, indexes.clone()).await?;
+            match target {
+                Target::Live => routes::start(&routes, &client, &home, &registry.names()).await,
+                Target::Rebuild { .. } => Ok(()),
+            }
         };
         match ready.await {
             Ok(()) => break,
@@ -82,12 +111,22 @@ pub async fn run_with_registry(
     }
     health.set_mongo_reachable(true);
     let pinger = spawn_mongo_pinger(db.clone(), health.clone(), http_stop.clone());
+    let follower = matches!(target, Target::Live).then(|| {
+        tokio::spawn(routes::follow(
+            routes.clone(),
+            client.clone(),
+            home.clone(),
+            config.kafka_group_id.clone(),
+            http_stop.clone(),
+        ))
+    });
 
     let dead_letters =
         Arc::new(KafkaDeadLetters::new(&config).context("creating the dead-letter producer")?);
     let processor = Arc::new(Processor {
         registry: Arc::new(registry),
         ctx: HandlerContext::new(db),
+        routes,
         dead_letters: dead_letters.clone(),
         settings: ProcessingSettings::from_config(&config),
         cancel: CancellationToken::new(),
@@ -97,6 +136,9 @@ pub async fn run_with_registry(
     dead_letters.flush(Duration::from_secs(5));
     http_stop.cancel();
     let _ = pinger.await;
+    if let Some(follower) = follower {
+        let _ = follower.await;
+    }
     result
 }
 

@@ -66,4 +66,6 @@ catalogue! {
         "Statements sent to MongoDB: a write command's updates, documents or deletes; 1 for any other command.";
     MONGODB_BYTES = "event_processor_mongodb_command_bytes_total", "counter", ["command"],
         "Bytes of the commands sent to MongoDB (BSON, as monitored).";
+    REBUILD_RECORDS = "event_processor_rebuild_records", "gauge", ["phase"],
+        "A rebuild's records behind it, over every partition (exported by `event-processor rebuild` only).";
 }

@@ -67,6 +67,14 @@ pub trait EventHandler: Send + Sync {
     fn indexes(&self) -> Vec<(String, IndexModel)> {
         Vec::new()
     }
+    /// The collections this handler writes: what a rebuild (`event-processor rebuild`) fills anew and switches.
+    /// By default the collections of its indexes; a handler that writes elsewhere must say so.
+    fn collections(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.indexes().into_iter().map(|(c, _)| c).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
 }
 
 /// Wraps a driver error as a handler error of the right class.

@@ -16,6 +16,13 @@ use tokio_util::sync::CancellationToken;
 use crate::health::Health;
 
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+static GLOBAL_LABELS: OnceLock<Vec<(String, String)>> = OnceLock::new();
+
+/// Labels every metric of this process carries (a rebuild's number, so that its metrics are told apart from
+/// the live daemon's). Takes effect only before the recorder is installed.
+pub fn set_global_labels(labels: Vec<(String, String)>) {
+    let _ = GLOBAL_LABELS.set(labels);
+}
 
 /// Installs the process-wide Prometheus recorder once; later calls return the same handle.
 pub fn metrics_handle() -> Option<PrometheusHandle> {
@@ -25,7 +32,11 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0,
             ];
-            PrometheusBuilder::new()
+            let mut builder = PrometheusBuilder::new();
+            for (k, v) in GLOBAL_LABELS.get().into_iter().flatten() {
+                builder = builder.add_global_label(k, v);
+            }
+            builder
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
                 .and_then(|b| {
                     b.set_buckets_for_metric(

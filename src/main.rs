@@ -1,7 +1,10 @@
 //! The daemon's entry point: read config, install telemetry and the shutdown signal, run.
 //!
 //! `event-processor` runs the daemon; `event-processor healthcheck` probes a running one (used by the image's
-//! HEALTHCHECK); `event-processor replay-dlq [HANDLER]` re-runs the dead letters present now (of one handler).
+//! HEALTHCHECK); `event-processor replay-dlq [HANDLER]` re-runs the dead letters present now (of one handler);
+//! `event-processor rebuild --handler NAME...` rebuilds read models from history while the daemon runs
+//! (`--drop-retired` removes the collections rebuilds replaced); `event-processor snapshot-outbox` asks Debezium
+//! to emit the outbox table's rows again.
 
 use std::process::ExitCode;
 
@@ -22,11 +25,158 @@ async fn main() -> ExitCode {
         None | Some("run") => run().await,
         Some("healthcheck") => healthcheck().await,
         Some("replay-dlq") => replay(args.get(1).cloned()).await,
+        Some("rebuild") => rebuild(&args[1..]).await,
+        Some("snapshot-outbox") => snapshot(&args[1..]).await,
         Some(other) => {
-            fail(&format!(
-                "unknown command `{other}`; usage: event-processor [run|healthcheck|replay-dlq [HANDLER]]"
-            ));
+            fail(&format!("unknown command `{other}`; {USAGE}"));
             ExitCode::from(2)
+        }
+    }
+}
+
+const USAGE: &str = "usage: event-processor [run | healthcheck | replay-dlq [HANDLER] | rebuild --handler NAME... \
+     [--allow-incomplete-history] | rebuild --drop-retired | snapshot-outbox [--table SCHEMA.TABLE] \
+     [--signal-table SCHEMA.TABLE]]";
+
+/// Command-line options: `--name VALUE` (or `--name=VALUE`) for the names in `valued`, repeatable, and the bare
+/// `flags`; anything else is an error.
+struct Args {
+    values: Vec<(String, String)>,
+    flags: Vec<String>,
+}
+
+impl Args {
+    fn parse(args: &[String], valued: &[&str], flags: &[&str]) -> Result<Args, String> {
+        let mut out = Args {
+            values: Vec::new(),
+            flags: Vec::new(),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if let Some((name, v)) = a.split_once('=').filter(|(n, _)| valued.contains(n)) {
+                out.values.push((name.to_string(), v.to_string()));
+            } else if valued.contains(&a.as_str()) {
+                let v = it.next().ok_or_else(|| format!("{a} needs a value"))?;
+                out.values.push((a.clone(), v.clone()));
+            } else if flags.contains(&a.as_str()) {
+                out.flags.push(a.clone());
+            } else {
+                return Err(format!("unexpected argument `{a}`"));
+            }
+        }
+        Ok(out)
+    }
+
+    fn all(&self, name: &str) -> Vec<String> {
+        self.values
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    fn last_or(&self, name: &str, default: &str) -> String {
+        self.all(name).pop().unwrap_or_else(|| default.to_string())
+    }
+
+    fn has(&self, flag: &str) -> bool {
+        self.flags.iter().any(|f| f == flag)
+    }
+}
+
+fn usage_error(e: String) -> ExitCode {
+    fail(&format!("{e}; {USAGE}"));
+    ExitCode::from(2)
+}
+
+async fn rebuild(args: &[String]) -> ExitCode {
+    let args = match Args::parse(
+        args,
+        &["--handler"],
+        &["--allow-incomplete-history", "--drop-retired"],
+    ) {
+        Ok(a) => a,
+        Err(e) => return usage_error(e),
+    };
+    let (config, token) = match start() {
+        Ok(started) => started,
+        Err(code) => return code,
+    };
+    if args.has("--drop-retired") {
+        return match event_processor::rebuild::drop_retired(&config).await {
+            Ok(dropped) => {
+                println!(
+                    "dropped {} retired collections: {}",
+                    dropped.len(),
+                    dropped.join(", ")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                fail(&format!("{e:#}"));
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let mut registry = event_processor::Registry::new();
+    if let Err(e) = event_processor::handlers::register_all(&mut registry) {
+        fail(&e.to_string());
+        return ExitCode::FAILURE;
+    }
+    let options = event_processor::rebuild::Options {
+        handlers: args.all("--handler"),
+        allow_incomplete_history: args.has("--allow-incomplete-history"),
+    };
+    match event_processor::rebuild::run(config, registry, options, token).await {
+        Ok(Some(done)) => {
+            println!(
+                "rebuild {} finished in {:.1} s: {} records; {} now read from database {} (route generation {})",
+                done.number,
+                done.elapsed.as_secs_f64(),
+                done.records,
+                done.collections.join(", "),
+                done.database,
+                done.generation
+            );
+            ExitCode::SUCCESS
+        }
+        // Stopped by a signal: resumable, and not finished.
+        Ok(None) => ExitCode::from(130),
+        Err(e) => {
+            fail(&format!("{e:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn snapshot(args: &[String]) -> ExitCode {
+    let args = match Args::parse(args, &["--table", "--signal-table"], &[]) {
+        Ok(a) => a,
+        Err(e) => return usage_error(e),
+    };
+    let table = args.last_or("--table", "activity.event_outbox");
+    let signal_table = args.last_or("--signal-table", "activity.debezium_signal");
+    let Some(url) = std::env::var(event_processor::rebuild::OUTBOX_DATABASE_URL)
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        fail("OUTBOX_DATABASE_URL is not set (postgres://user:password@host:port/database)");
+        return ExitCode::from(78);
+    };
+    let (config, _token) = match start() {
+        Ok(started) => started,
+        Err(code) => return code,
+    };
+    match event_processor::rebuild::snapshot_outbox(&config, &url, &signal_table, &table).await {
+        Ok(id) => {
+            println!(
+                "requested an incremental snapshot of {table} (signal {id} in {signal_table})"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            fail(&format!("{e:#}"));
+            ExitCode::FAILURE
         }
     }
 }

@@ -84,6 +84,8 @@ pub struct BatchStats {
 pub struct Processor {
     pub registry: Arc<Registry>,
     pub ctx: HandlerContext,
+    /// Where handlers routed away from `ctx`'s database by a rebuild write (`crate::routes`).
+    pub routes: Arc<crate::routes::Routes>,
     pub dead_letters: Arc<dyn DeadLetterSink>,
     pub settings: ProcessingSettings,
     /// Cancelled on shutdown: retries stop, records not yet started are abandoned.
@@ -337,9 +339,12 @@ impl Processor {
             if attempt > 1 {
                 started = Instant::now();
             }
+            // Held for this attempt: a switch of routes waits for it (see `crate::routes`).
+            let routes = self.routes.lease();
+            let ctx = routes.context(name).unwrap_or(&self.ctx);
             let call = AssertUnwindSafe(tokio::time::timeout_at(
                 started + self.settings.handler_timeout,
-                handler.handle(event, &self.ctx),
+                handler.handle(event, ctx),
             ))
             .catch_unwind()
             .instrument(span.clone())

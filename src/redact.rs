@@ -187,7 +187,7 @@ const MIN_SCRUBBED_LEN: usize = 4;
 pub fn env_secrets<I: IntoIterator<Item = (String, String)>>(vars: I) -> Vec<String> {
     let mut out = Vec::new();
     for (k, v) in vars {
-        if k == "MONGODB_URI" {
+        if k == "MONGODB_URI" || k == crate::rebuild::OUTBOX_DATABASE_URL {
             out.extend(uri_secrets(&v));
         } else if let Some(rest) = k.strip_prefix(crate::config::KAFKA_PROPERTY_PREFIX)
             && is_secret_property(&rest.replace('_', "."))

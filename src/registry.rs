@@ -178,6 +178,28 @@ impl Registry {
         }
     }
 
+    /// The same registry with only the named handlers (and every payload contract, so an event invalid for the
+    /// full set is invalid for the subset too): what a rebuild runs.
+    pub fn only(&self, names: &[String]) -> Registry {
+        Registry {
+            by_type: self
+                .by_type
+                .iter()
+                .map(|(t, hs)| {
+                    let kept = hs.iter().filter(|h| names.iter().any(|n| n == h.name()));
+                    (t.clone(), kept.cloned().collect::<Vec<_>>())
+                })
+                .filter(|(_, hs)| !hs.is_empty())
+                .collect(),
+            contracts: self.contracts.clone(),
+        }
+    }
+
+    /// Every registered handler.
+    pub fn handlers(&self) -> impl Iterator<Item = &Arc<dyn EventHandler>> {
+        self.by_type.values().flatten()
+    }
+
     /// The handlers for an event type; empty when the type is unknown.
     pub fn handlers_for(&self, event_type: &str) -> &[Arc<dyn EventHandler>] {
         self.by_type.get(event_type).map_or(&[], Vec::as_slice)

@@ -95,9 +95,16 @@ pub async fn replay_dead_letters(
 ) -> anyhow::Result<ReplayStats> {
     let client = store::connect(config.mongodb_uri.expose(), "event-processor-replay").await?;
     let db = client.database(&config.mongodb_database);
+    // A letter is replayed into the read model where readers find it now, rebuilt or not.
+    let routes = Arc::new(crate::routes::Routes::default());
+    let table = crate::routes::load(&db).await?;
+    routes
+        .adopt(&table, &client, &config.mongodb_database)
+        .await;
     let processor = Processor {
         registry: Arc::new(registry),
         ctx: HandlerContext::new(db),
+        routes,
         dead_letters: Arc::new(KafkaDeadLetters::new(&config)?),
         settings: ProcessingSettings::from_config(&config),
         cancel: shutdown.clone(),

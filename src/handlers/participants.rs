@@ -22,6 +22,10 @@ impl EventHandler for ParticipantJoinedHandler {
         "ParticipantJoinedHandler"
     }
 
+    fn collections(&self) -> Vec<String> {
+        vec![ACTIVITIES.to_string()]
+    }
+
     async fn handle(&self, event: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {
         let payload = payload_object(event)?;
         let user_id = required(payload, event, "user_id")?;

@@ -137,6 +137,7 @@ pub(crate) fn processor(handlers: Vec<Arc<TestHandler>>, sink: Arc<Sink>) -> Pro
     Processor {
         registry: Arc::new(registry),
         ctx: HandlerContext::new(client.database("unused")),
+        routes: Default::default(),
         dead_letters: sink,
         settings: ProcessingSettings {
             concurrency: 8,
