@@ -26,6 +26,8 @@
 //!   [`handlers`]: the shipped read models.
 //! - [`store`]: MongoDB client and error classes; [`writer`]: coalesces handlers' writes into bulk commands;
 //!   [`ledger`]: event ids seen; [`dlq`]: the dead-letter topic; [`replay`]: re-running dead letters.
+//! - [`rebuild`]: rebuilding read models from history while the daemon runs; [`routes`]: where each read model
+//!   lives, followed by readers and the daemon (docs/REBUILDING.md).
 //! - [`health`], [`http`], [`telemetry`], [`redact`], [`catalogue`]: what operators see, and what they never see.
 
 pub mod app;

@@ -480,3 +480,143 @@ async fn outbox_event_router_variant_gives_the_same_result() {
     daemon.stop().await;
     p.remove().await;
 }
+
+/// History the topics no longer hold, replayed from PostgreSQL: the topic's records are deleted (as retention
+/// would), a rebuild refuses to start and names the offsets it cannot reach; `snapshot-outbox` writes an
+/// `execute-snapshot` row into the shipped signal table, the shipped connector emits the outbox rows again as
+/// `op: r` records, and the rebuild then starts and brings the users back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_snapshot_through_the_signal_table_restores_history_retention_removed() {
+    let env = TestEnv::new("e2e_snapshot", 1).await;
+    let p = Pipeline::deploy("postgres-connector.json", &[("snapshot.mode", "no_data")]).await;
+    let topics = p.topics(false);
+    let daemon = env.start(&[("KAFKA_TOPICS", &topics)]);
+    let mut users = Vec::new();
+    for i in 0..3 {
+        let user = new_id();
+        p.insert(
+            "UserCreated",
+            &user,
+            "user",
+            &json!({"email": format!("snap{i}@example.com")}),
+        )
+        .await;
+        users.push(user);
+    }
+    for u in &users {
+        wait_for_doc(&env, "users", doc! { "_id": u }).await;
+    }
+    daemon.stop().await;
+
+    // Retention removed every record the topic held.
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka)
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(&topics), Duration::from_secs(10))
+        .unwrap();
+    let mut trim = rdkafka::TopicPartitionList::new();
+    for part in metadata.topics()[0].partitions() {
+        let (_, high) = consumer
+            .fetch_watermarks(&topics, part.id(), Duration::from_secs(10))
+            .unwrap();
+        trim.add_partition_offset(&topics, part.id(), rdkafka::Offset::Offset(high))
+            .unwrap();
+    }
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &env.kafka)
+            .create()
+            .unwrap();
+    admin
+        .delete_records(&trim, &rdkafka::admin::AdminOptions::new())
+        .await
+        .expect("delete_records");
+    let config = env.config(&[("KAFKA_TOPICS", &topics)]);
+    let options = event_processor::rebuild::Options {
+        handlers: vec!["UserCreatedHandler".into()],
+        allow_incomplete_history: false,
+    };
+    let registry = || {
+        let mut r = event_processor::Registry::new();
+        event_processor::handlers::register_all(&mut r).unwrap();
+        r
+    };
+    let refused = event_processor::rebuild::run(
+        config.clone(),
+        registry(),
+        options.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect_err("a rebuild over a trimmed topic must not start");
+    assert!(
+        format!("{refused:#}").contains("history is incomplete"),
+        "{refused:#}"
+    );
+
+    // The snapshot: requested through the signal table, emitted by the connector as `op: r` records.
+    let (pg_url, _) = e2e_services();
+    event_processor::rebuild::snapshot_outbox(
+        &config,
+        &pg_url,
+        "activity.debezium_signal",
+        "activity.event_outbox",
+    )
+    .await
+    .expect("snapshot-outbox");
+    let mut wanted: std::collections::HashSet<String> = users.iter().cloned().collect();
+    let c: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka)
+        .set("group.id", unique("snapshot_reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&[topics.as_str()]).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !wanted.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the snapshot did not re-emit users {wanted:?}"
+        );
+        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(5), c.recv()).await else {
+            continue;
+        };
+        let v: Value = rdkafka::Message::payload(&m)
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .unwrap_or(Value::Null);
+        if v["op"] == "r"
+            && let Some(agg) = v["after"]["aggregate_id"].as_str()
+        {
+            wanted.remove(agg);
+        }
+    }
+
+    // Now the rebuild starts and the users are back, from PostgreSQL's rows.
+    let done = event_processor::rebuild::run(
+        config,
+        registry(),
+        options,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("rebuild after the snapshot")
+    .expect("finished");
+    let client = mongodb::Client::with_uri_str(&env.mongo_uri).await.unwrap();
+    let users_now = client
+        .database(&done.database)
+        .collection::<Document>("users");
+    for u in &users {
+        assert!(
+            users_now
+                .find_one(doc! { "_id": u })
+                .await
+                .unwrap()
+                .is_some(),
+            "user {u} rebuilt from the snapshot"
+        );
+    }
+    p.remove().await;
+}

@@ -1,4 +1,4 @@
-//! No secret in any output: the binary (`run`, `replay-dlq`, `healthcheck`) started with canary values in every
+//! No secret in any output: the binary (`run`, `replay-dlq`, `healthcheck`, `rebuild`, `snapshot-outbox`) started with canary values in every
 //! variable that can hold a secret, in valid and in malformed forms, against real Kafka and a real MongoDB-wire
 //! server. Every line it writes, its `/metrics` page and the dead letters it produces are searched for the
 //! canaries.
@@ -252,5 +252,32 @@ async fn no_secret_reaches_any_output() {
             leaks.extend(c.leaks(&format!("{what} {cmd}"), &out));
         }
     }
+
+    // 5. rebuild with the Kafka secrets (it runs to its end over the test's topic), and snapshot-outbox with a
+    //    PostgreSQL password in OUTBOX_DATABASE_URL and a server that is not there.
+    let name = format!("secrets-rebuild-{}", env.topic);
+    let mut rebuild = run(
+        &name,
+        &["rebuild", "--handler", "UserCreatedHandler"],
+        &working,
+    );
+    let status = rebuild.wait_exit(WAIT).expect("rebuild ends");
+    assert!(status.success(), "rebuild finished: {}", log_of(&name));
+    leaks.extend(c.leaks("rebuild's output", &log_of(&name)));
+    let name = format!("secrets-snapshot-{}", env.topic);
+    let outbox_url = format!("postgres://canary-user:{encoded}@127.0.0.1:1/app");
+    let mut snapshot = run(
+        &name,
+        &["snapshot-outbox"],
+        &as_refs(&[("OUTBOX_DATABASE_URL", outbox_url)]),
+    );
+    let status = snapshot.wait_exit(WAIT).expect("snapshot-outbox ends");
+    assert!(!status.success(), "no PostgreSQL there");
+    let out = log_of(&name);
+    assert!(
+        out.contains("OUTBOX_DATABASE_URL"),
+        "says what failed: {out}"
+    );
+    leaks.extend(c.leaks("snapshot-outbox's output", &out));
     assert!(leaks.is_empty(), "secrets leaked: {leaks:#?}");
 }
