@@ -1363,63 +1363,85 @@ async fn rebuild_times(env: &Env, out: &mut serde_json::Map<String, Value>) -> a
     };
     let mut results = serde_json::Map::new();
     for &n in sizes {
-        eprintln!("[bench] rebuild over {n} events");
-        let records = workload(n);
-        let topic = fill(env, &records).await?;
-        let db = fresh(env, "rebuild");
-        fresh_server(env)?;
-        log_in_process(env)?;
-        let config = daemon_config(env, &topic, &db)?;
-        let rebuild = |handlers: Vec<String>| {
-            let config = config.clone();
-            async move {
-                let started = Instant::now();
-                event_processor::rebuild::run(
-                    config,
-                    shipped()?,
-                    event_processor::rebuild::Options {
-                        handlers,
-                        allow_incomplete_history: false,
-                    },
-                    CancellationToken::new(),
-                )
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("the rebuild stopped before its end"))?;
-                anyhow::Ok(started.elapsed().as_secs_f64())
-            }
-        };
-        let mut row = serde_json::Map::new();
-        let users = rebuild(vec!["UserCreatedHandler".to_string()]).await?;
-        eprintln!("[bench]   {n} events: rebuild of users {users:.1} s");
-        row.insert("users_s".into(), json!(users));
-        if n <= 10_000 {
-            let group = config.kafka_group_id.clone();
-            let token = CancellationToken::new();
-            let started = Instant::now();
-            let live = tokio::spawn(event_processor::run_with_registry(
-                config.clone(),
-                shipped()?,
-                token.clone(),
-            ));
-            while committed_total(env, &group, &topic)? < n as i64 {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            let live_secs = started.elapsed().as_secs_f64();
-            token.cancel();
-            live.await??;
-            let all: Vec<String> = shipped()?.names().iter().map(|s| s.to_string()).collect();
-            let all = rebuild(all).await?;
-            eprintln!(
-                "[bench]   {n} events: live daemon from scratch {live_secs:.1} s, rebuild of all handlers {all:.1} s"
-            );
-            row.insert("live_from_scratch_s".into(), json!(live_secs));
-            row.insert("all_handlers_s".into(), json!(all));
+        let mut runs: Vec<serde_json::Map<String, Value>> = Vec::new();
+        for i in 0..env.repeat {
+            runs.push(rebuild_run(env, n, i).await?);
         }
+        let mut row = serde_json::Map::new();
+        for key in ["users_s", "live_from_scratch_s", "all_handlers_s"] {
+            let values: Vec<f64> = runs.iter().filter_map(|r| r.get(key)?.as_f64()).collect();
+            if !values.is_empty() {
+                row.insert(format!("median_{key}"), json!(median(values.clone())));
+                row.insert(key.into(), json!(values));
+            }
+        }
+        eprintln!("[bench]   {n} events, medians of {}: {row:?}", env.repeat);
         results.insert(n.to_string(), Value::Object(row));
     }
     results.insert("server".into(), json!(server_state(env)));
     out.insert("rebuild".into(), Value::Object(results));
     Ok(())
+}
+
+/// One repeat of [`rebuild_times`] at `n` events.
+async fn rebuild_run(
+    env: &Env,
+    n: usize,
+    repeat: usize,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
+    eprintln!("[bench] rebuild over {n} events, repeat {}", repeat + 1);
+    let records = workload(n);
+    let topic = fill(env, &records).await?;
+    let db = fresh(env, "rebuild");
+    fresh_server(env)?;
+    log_in_process(env)?;
+    let config = daemon_config(env, &topic, &db)?;
+    let rebuild = |handlers: Vec<String>| {
+        let config = config.clone();
+        async move {
+            let started = Instant::now();
+            event_processor::rebuild::run(
+                config,
+                shipped()?,
+                event_processor::rebuild::Options {
+                    handlers,
+                    allow_incomplete_history: false,
+                },
+                CancellationToken::new(),
+            )
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the rebuild stopped before its end"))?;
+            anyhow::Ok(started.elapsed().as_secs_f64())
+        }
+    };
+    let mut row = serde_json::Map::new();
+    let users = rebuild(vec!["UserCreatedHandler".to_string()]).await?;
+    eprintln!("[bench]   {n} events: rebuild of users {users:.1} s");
+    row.insert("users_s".into(), json!(users));
+    if n <= 10_000 {
+        let group = config.kafka_group_id.clone();
+        let token = CancellationToken::new();
+        let started = Instant::now();
+        let live = tokio::spawn(event_processor::run_with_registry(
+            config.clone(),
+            shipped()?,
+            token.clone(),
+        ));
+        while committed_total(env, &group, &topic)? < n as i64 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let live_secs = started.elapsed().as_secs_f64();
+        token.cancel();
+        live.await??;
+        let all: Vec<String> = shipped()?.names().iter().map(|s| s.to_string()).collect();
+        let all = rebuild(all).await?;
+        eprintln!(
+            "[bench]   {n} events: live daemon from scratch {live_secs:.1} s, rebuild of all handlers {all:.1} s"
+        );
+        row.insert("live_from_scratch_s".into(), json!(live_secs));
+        row.insert("all_handlers_s".into(), json!(all));
+    }
+    Ok(row)
 }
 
 /// What state each measured subject found the MongoDB-wire server in.
