@@ -186,23 +186,19 @@ pub async fn run(
     handlers.sort();
     handlers.dedup();
     let collections = collections_of(&registry, &handlers)?;
-    let client = store::connect(config.mongodb_uri.expose(), "event-processor-rebuild")
-        .await
-        .with_context(|| format!("parsing MONGODB_URI {}", config.mongodb_uri))?;
+    let client = connect(&config).await?;
     let home = client.database(&config.mongodb_database);
-    let kafka: BaseConsumer = client_config(&config)
-        .set("group.id", &config.kafka_group_id)
-        .set("enable.auto.commit", "false")
-        .create()
-        .context("creating the Kafka client")?;
-    let partitions = partitions(&kafka, &config.topics())?;
+    // The live group's client, never subscribed: it reads the topics' metadata and offsets and the live group's
+    // progress, and does not join the group.
+    let live = Group::new(&config, &config.kafka_group_id)?;
+    let partitions = partitions(&live.consumer, &config.topics())?;
     if partitions.is_empty() {
         bail!(
             "the subscribed topics ({}) have no partitions: nothing to rebuild from",
             config.kafka_topics
         );
     }
-    let low = watermarks(&kafka, &partitions, true)?;
+    let low = watermarks(&live.consumer, &partitions, true)?;
     check_history(&home, &low, options.allow_incomplete_history).await?;
 
     let record = find_or_create(&home, &config, &handlers).await?;
@@ -230,13 +226,10 @@ pub async fn run(
         pipeline_stop.clone(),
     ));
 
-    let live = Group::new(&config, &config.kafka_group_id)?;
     let own = Group::new(&config, &record.group)?;
     let at_start = own.committed(&partitions, &low)?;
     let mut watch = Watch {
         home: &home,
-        config: &config,
-        kafka: &kafka,
         live,
         own,
         partitions,
@@ -280,6 +273,13 @@ pub async fn run(
     };
     info!(?outcome, "Rebuild finished");
     Ok(Some(outcome))
+}
+
+/// The MongoDB client of the rebuild's commands.
+async fn connect(config: &Config) -> anyhow::Result<mongodb::Client> {
+    store::connect(config.mongodb_uri.expose(), "event-processor-rebuild")
+        .await
+        .with_context(|| format!("parsing MONGODB_URI {}", config.mongodb_uri))
 }
 
 /// Waits for a pipeline task that ends on its own (it should not before it is stopped): its error.
@@ -561,8 +561,6 @@ async fn set_state(
 /// The rebuild's supervisor: watches both groups' progress and moves the rebuild through its phases.
 struct Watch<'a> {
     home: &'a Database,
-    config: &'a Config,
-    kafka: &'a BaseConsumer,
     live: Group,
     own: Group,
     partitions: Vec<Tp>,
@@ -575,7 +573,7 @@ struct Watch<'a> {
 impl Watch<'_> {
     /// Runs the phases to the end; the generation of the switch.
     async fn drive(&mut self) -> anyhow::Result<i64> {
-        let high_at_start = watermarks(self.kafka, &self.partitions, false)?;
+        let high_at_start = watermarks(&self.live.consumer, &self.partitions, false)?;
         if self.record.state == State::CatchingUp {
             loop {
                 let target = self.live.committed(&self.partitions, &high_at_start)?;
@@ -603,7 +601,7 @@ impl Watch<'_> {
         let mut waited = Instant::now();
         loop {
             let own = self.own.committed(&self.partitions, &self.low)?;
-            let high = watermarks(self.kafka, &self.partitions, false)?;
+            let high = watermarks(&self.live.consumer, &self.partitions, false)?;
             self.progress
                 .show(self.record.number, "switched", &self.low, &own, &high);
             let (ready, lagging) = self.live_writers_switched().await?;
@@ -621,7 +619,7 @@ impl Watch<'_> {
             tokio::time::sleep(TICK).await;
         }
         // Every event a live process may have written to the old place lies before these offsets.
-        let fence = watermarks(self.kafka, &self.partitions, false)?;
+        let fence = watermarks(&self.live.consumer, &self.partitions, false)?;
         loop {
             let own = self.own.committed(&self.partitions, &self.low)?;
             self.progress
@@ -644,7 +642,7 @@ impl Watch<'_> {
         let writers: Vec<Document> = self
             .home
             .collection::<Document>(WRITERS)
-            .find(doc! { "group": &self.config.kafka_group_id, "at": { "$gte": since } })
+            .find(doc! { "group": &self.live.name, "at": { "$gte": since } })
             .await?
             .try_collect()
             .await?;
@@ -716,9 +714,7 @@ async fn switch(home: &Database, record: &Record, collections: &[String]) -> any
 
 /// Drops the collections that switches retired, except any a later switch routes readers to again.
 pub async fn drop_retired(config: &Config) -> anyhow::Result<Vec<String>> {
-    let client = store::connect(config.mongodb_uri.expose(), "event-processor-rebuild")
-        .await
-        .with_context(|| format!("parsing MONGODB_URI {}", config.mongodb_uri))?;
+    let client = connect(config).await?;
     let home = client.database(&config.mongodb_database);
     let table = routes::load(&home).await?;
     let mut dropped = Vec::new();
@@ -754,10 +750,7 @@ pub async fn snapshot_outbox(
     signal_table: &str,
     outbox_table: &str,
 ) -> anyhow::Result<String> {
-    let kafka: BaseConsumer = client_config(config)
-        .set("group.id", &config.kafka_group_id)
-        .create()
-        .context("creating the Kafka client")?;
+    let kafka = Group::new(config, &config.kafka_group_id)?.consumer;
     let partitions = partitions(&kafka, &config.topics())?;
     let high = watermarks(&kafka, &partitions, false)?;
     let (pg, connection) = tokio_postgres::connect(outbox_url, tokio_postgres::NoTls)
@@ -775,7 +768,7 @@ pub async fn snapshot_outbox(
         .with_context(|| format!("writing the snapshot signal into {signal_table}"))?;
     drop(pg);
     let _ = connection.await;
-    let client = store::connect(config.mongodb_uri.expose(), "event-processor-rebuild").await?;
+    let client = connect(config).await?;
     let offsets: Vec<Document> = high
         .iter()
         .map(|((t, p), o)| doc! { "topic": t, "partition": p, "offset": o })
