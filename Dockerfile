@@ -5,8 +5,6 @@ RUN apt-get update \
        libcurl4-openssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# Whole-program optimisation in one unit: a binary about a sixth smaller.
-ENV CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
 # The dependencies in a layer of their own, built against placeholder sources: a change to src/ rebuilds only
 # this crate. The manifest names the test, bench and example targets, so their files come along (only the daemon
 # is built); a change to them rebuilds the dependencies too.

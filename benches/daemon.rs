@@ -644,26 +644,41 @@ async fn latency_pair(env: &Env, count: usize, rate: f64) -> anyhow::Result<Valu
     for i in 0..env.repeat {
         for part in in_turn(i, 2) {
             fresh_server(env)?;
-            if part == 0 {
-                ours.push(latency_run(
-                    &latency(env, false, count, rate, Subject::Daemon).await?,
-                ));
+            let subject = if part == 0 {
+                Subject::Daemon
             } else {
-                base.push(latency_run(
-                    &latency(env, false, count, rate, Subject::PerEvent).await?,
-                ));
+                Subject::PerEvent
+            };
+            let before = MongoWork::now();
+            let mut run = latency_run(&latency(env, false, count, rate, subject).await?);
+            // What each event cost MongoDB, start-up and the daemon's route-table reads included: commands and
+            // the sum of their round trips. At 20/s the events do not overlap, so on a server that runs one
+            // command at a time that sum is how long one event holds the server.
+            let work = MongoWork::now().since(&before, count);
+            run["mongodb_commands_per_event"] = json!(work.commands / 1000.0);
+            run["mongodb_ms_per_event"] = json!(work.seconds);
+            if part == 0 {
+                ours.push(run);
+            } else {
+                base.push(run);
             }
         }
     }
     let (ours, base) = (summarize(ours), summarize(base));
     let ratio =
         |k: &str| ours[k].as_f64().unwrap_or(f64::NAN) / base[k].as_f64().unwrap_or(f64::NAN);
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     eprintln!(
-        "[bench]   daemon p50 {:.1} / p99 {:.1} ms; per-event p50 {:.1} / p99 {:.1} ms",
-        ours["p50_ms"].as_f64().unwrap_or(f64::NAN),
-        ours["p99_ms"].as_f64().unwrap_or(f64::NAN),
-        base["p50_ms"].as_f64().unwrap_or(f64::NAN),
-        base["p99_ms"].as_f64().unwrap_or(f64::NAN),
+        "[bench]   daemon p50 {:.1} / p99 {:.1} ms ({:.1} MongoDB commands, {:.1} ms of round trips per event); \
+         per-event p50 {:.1} / p99 {:.1} ms ({:.1} commands, {:.1} ms)",
+        f(&ours, "p50_ms"),
+        f(&ours, "p99_ms"),
+        f(&ours, "mongodb_commands_per_event"),
+        f(&ours, "mongodb_ms_per_event"),
+        f(&base, "p50_ms"),
+        f(&base, "p99_ms"),
+        f(&base, "mongodb_commands_per_event"),
+        f(&base, "mongodb_ms_per_event"),
     );
     Ok(
         json!({"events": count, "rate_per_s": rate, "daemon": ours, "per_event": base,
@@ -1461,6 +1476,8 @@ struct MongoWork {
     commands: f64,
     statements: f64,
     bytes: f64,
+    /// The commands' round trips, seconds (per 1,000 events: milliseconds per event).
+    seconds: f64,
 }
 
 impl MongoWork {
@@ -1479,6 +1496,10 @@ impl MongoWork {
             commands: total(event_processor::catalogue::MONGODB_COMMANDS),
             statements: total(event_processor::catalogue::MONGODB_STATEMENTS),
             bytes: total(event_processor::catalogue::MONGODB_BYTES),
+            seconds: total(&format!(
+                "{}_sum",
+                event_processor::catalogue::MONGODB_COMMAND_DURATION
+            )),
         }
     }
 
@@ -1489,6 +1510,7 @@ impl MongoWork {
             commands: (self.commands - before.commands) * per,
             statements: (self.statements - before.statements) * per,
             bytes: (self.bytes - before.bytes) * per,
+            seconds: (self.seconds - before.seconds) * per,
         }
     }
 
@@ -1498,11 +1520,12 @@ impl MongoWork {
             commands: m(|w| w.commands),
             statements: m(|w| w.statements),
             bytes: m(|w| w.bytes),
+            seconds: m(|w| w.seconds),
         }
     }
 
     fn to_json(self) -> Value {
-        json!({"commands": self.commands, "statements": self.statements, "bytes": self.bytes})
+        json!({"commands": self.commands, "statements": self.statements, "bytes": self.bytes, "command_seconds": self.seconds})
     }
 }
 
@@ -1518,7 +1541,15 @@ fn save(out: &serde_json::Map<String, Value>) -> anyhow::Result<()> {
 /// Median of each percentile over the runs, and the runs.
 fn summarize(runs: Vec<Value>) -> Value {
     let m = |k: &str| median(runs.iter().filter_map(|r| r[k].as_f64()).collect());
-    json!({"p50_ms": m("p50_ms"), "p99_ms": m("p99_ms"), "p999_ms": m("p999_ms"), "runs": runs})
+    let mut summary =
+        json!({"p50_ms": m("p50_ms"), "p99_ms": m("p99_ms"), "p999_ms": m("p999_ms")});
+    for k in ["mongodb_commands_per_event", "mongodb_ms_per_event"] {
+        if runs.iter().any(|r| r.get(k).is_some()) {
+            summary[k] = json!(m(k));
+        }
+    }
+    summary["runs"] = json!(runs);
+    summary
 }
 
 fn machine() -> Value {

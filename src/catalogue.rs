@@ -66,6 +66,8 @@ catalogue! {
         "Statements sent to MongoDB: a write command's updates, documents or deletes; 1 for any other command.";
     MONGODB_BYTES = "event_processor_mongodb_command_bytes_total", "counter", ["command"],
         "Bytes of the commands sent to MongoDB (BSON, as monitored).";
+    MONGODB_COMMAND_DURATION = "event_processor_mongodb_command_duration_seconds", "histogram", ["command"],
+        "Round trip of each MongoDB command, sent to answered (failed ones included), from the driver's command monitoring.";
     REBUILD_RECORDS = "event_processor_rebuild_records", "gauge", ["phase"],
         "A rebuild's records behind it, over every partition (exported by `event-processor rebuild` only).";
 }

@@ -50,8 +50,16 @@ pub async fn connect(uri: &str, app_name: &str) -> Result<Client, MongoError> {
 /// bytes, by command name. These do not depend on how fast the server is, so they show the MongoDB work per event
 /// on any deployment.
 fn count_command(event: CommandEvent) {
-    let CommandEvent::Started(started) = event else {
-        return;
+    let started = match event {
+        CommandEvent::Started(started) => started,
+        // The round trip, which on a server that runs one command at a time is also how long the command held it.
+        CommandEvent::Succeeded(done) => {
+            return command_duration(done.command_name, done.duration);
+        }
+        CommandEvent::Failed(failed) => {
+            return command_duration(failed.command_name, failed.duration);
+        }
+        _ => return,
     };
     let name = started.command_name;
     // A write command's statements are its array of updates, documents or deletes; any other command is one.
@@ -64,6 +72,11 @@ fn count_command(event: CommandEvent) {
     metrics::counter!(crate::catalogue::MONGODB_STATEMENTS, "command" => name.clone())
         .increment(statements as u64);
     metrics::counter!(crate::catalogue::MONGODB_BYTES, "command" => name).increment(bytes as u64);
+}
+
+fn command_duration(name: String, took: Duration) {
+    metrics::histogram!(crate::catalogue::MONGODB_COMMAND_DURATION, "command" => name)
+        .record(took.as_secs_f64());
 }
 
 /// Creates the indexes the registered handlers declare. Idempotent; run at start-up.

@@ -115,6 +115,26 @@ async fn metrics_and_health_report_what_the_daemon_did() {
         "update commands {update_commands} for {updates} statements"
     );
     assert!(commands >= update_commands);
+    // Each command's round trip, from the same monitoring: one sample per answered command (those still in
+    // flight when the page was rendered, one per writer of the tests running at once, have started but not ended).
+    let timed = total(
+        &page,
+        "event_processor_mongodb_command_duration_seconds_count",
+        &["command=\"update\""],
+    );
+    assert!(
+        timed >= 1.0 && timed <= update_commands && timed >= update_commands - 5.0,
+        "{timed} update round trips timed for {update_commands} update commands"
+    );
+    let busy = total(
+        &page,
+        "event_processor_mongodb_command_duration_seconds_sum",
+        &["command=\"update\""],
+    );
+    assert!(
+        busy > 0.0 && busy < 60.0,
+        "update round trips took {busy} s"
+    );
     let statements = total(&page, "event_processor_mongodb_statements_total", &[]);
     let bytes = total(&page, "event_processor_mongodb_command_bytes_total", &[]);
     println!(

@@ -52,13 +52,15 @@ fn consumer_config(config: &Config) -> ClientConfig {
     // records per partition (100,000 by default) or `queued.max.messages.kbytes` in all (64 MiB) and, once over
     // either, waits `fetch.queue.backoff.ms` (1 s by default) before fetching that partition again: a consumer
     // catching up on a backlog drained its queue and then idled for most of that second. A smaller queue,
-    // refilled within 20 ms, keeps it busy and bounds the memory the prefetched records take.
+    // refilled within 20 ms, keeps it busy and bounds the memory the prefetched records take: 3,000 per partition
+    // is well over what the handlers get through in 20 ms, and with six partitions behind it keeps a catching-up
+    // daemon near 60 MiB where 10,000 took about 75 (docs/BENCHMARKS.md).
     let client_id = format!("event-processor-{}", hostname());
     for (key, value) in [
         ("partition.assignment.strategy", "cooperative-sticky"),
         ("statistics.interval.ms", "5000"),
         ("client.id", client_id.as_str()),
-        ("queued.min.messages", "10000"),
+        ("queued.min.messages", "3000"),
         ("fetch.queue.backoff.ms", "20"),
     ] {
         if !config.kafka_properties.contains_key(key) {
@@ -116,7 +118,7 @@ mod tests {
     fn a_partition_is_fetched_again_within_20_ms_once_its_queue_has_room_unless_configured() {
         let cc = consumer_config(&config(&[]));
         assert_eq!(cc.get("fetch.queue.backoff.ms"), Some("20"));
-        assert_eq!(cc.get("queued.min.messages"), Some("10000"));
+        assert_eq!(cc.get("queued.min.messages"), Some("3000"));
         assert_eq!(
             cc.get("partition.assignment.strategy"),
             Some("cooperative-sticky")
