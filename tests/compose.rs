@@ -414,6 +414,22 @@ async fn docker_compose_up_runs_the_pipeline_as_the_readme_says() {
         || async { prometheus(r#"up{job="event-processor"} == 1"#).len() == 3 },
     )
     .await;
+    // Prometheus scrapes every 5 s, so what it holds lags what the replicas did: wait until its samples account
+    // for every sign-up (a replica's series appears with its first record).
+    let consumed = |rows: &[serde_json::Value]| -> f64 {
+        rows.iter()
+            .filter_map(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+            .sum()
+    };
+    wait_for(
+        "Prometheus holding every replica's records",
+        Duration::from_secs(60),
+        || async {
+            let rows = prometheus("event_processor_records_consumed_total");
+            rows.len() == 3 && consumed(&rows) >= n as f64
+        },
+    )
+    .await;
     let per_replica = prometheus("event_processor_records_consumed_total");
     assert_eq!(per_replica.len(), 3, "{per_replica:?}");
     let busy = per_replica
