@@ -578,9 +578,9 @@ async fn drop_db(env: &Env, name: &str) {
 /// Marks when an event's `users` document is visible. Run by the daemon, it writes a statement of its own to
 /// `users`, which goes in the same command as the user's (one command per collection per write round), so its
 /// acknowledgement is the user document's. Run by the per-event design right after the `users` handler, which
-/// awaited its write, it writes nothing.
+/// awaited its write, it writes nothing. Keeps when it was called and when its write was acknowledged.
 struct Probe {
-    seen: Arc<Mutex<HashMap<String, i64>>>,
+    seen: Arc<Mutex<HashMap<String, (i64, i64)>>>,
     write: bool,
 }
 
@@ -593,6 +593,7 @@ impl EventHandler for Probe {
         "LatencyProbe"
     }
     async fn handle(&self, e: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {
+        let called = now_us();
         if self.write {
             event_processor::handler::update_one(
                 ctx,
@@ -607,7 +608,7 @@ impl EventHandler for Probe {
             .lock()
             .unwrap()
             .entry(e.event_id.clone())
-            .or_insert_with(now_us);
+            .or_insert_with(|| (called, now_us()));
         Ok(())
     }
 }
@@ -617,7 +618,7 @@ async fn latency_runs(env: &Env, pg: bool, count: usize, rate: f64) -> anyhow::R
     let mut runs = Vec::new();
     for _ in 0..env.repeat {
         fresh_server(env)?;
-        let ms = latency(env, pg, count, rate, Subject::Daemon).await?;
+        let (ms, _) = latency(env, pg, count, rate, Subject::Daemon).await?;
         runs.push(latency_run(&ms));
     }
     Ok(runs)
@@ -650,7 +651,14 @@ async fn latency_pair(env: &Env, count: usize, rate: f64) -> anyhow::Result<Valu
                 Subject::PerEvent
             };
             let before = MongoWork::now();
-            let mut run = latency_run(&latency(env, false, count, rate, subject).await?);
+            let (ms, to_handlers) = latency(env, false, count, rate, subject).await?;
+            let mut run = latency_run(&ms);
+            if subject == Subject::Daemon {
+                // Where the daemon's time goes: before its handlers are called (Kafka, the hand-offs to a lane,
+                // the event ledger's round trip) and after (the write round that carries the user document).
+                run["to_handlers_p50_ms"] = json!(pct(&to_handlers, 50.0));
+                run["to_handlers_p99_ms"] = json!(pct(&to_handlers, 99.0));
+            }
             // What each event cost MongoDB, start-up and the daemon's route-table reads included: commands and
             // the sum of their round trips. At 20/s the events do not overlap, so on a server that runs one
             // command at a time that sum is how long one event holds the server.
@@ -669,10 +677,12 @@ async fn latency_pair(env: &Env, count: usize, rate: f64) -> anyhow::Result<Valu
         |k: &str| ours[k].as_f64().unwrap_or(f64::NAN) / base[k].as_f64().unwrap_or(f64::NAN);
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     eprintln!(
-        "[bench]   daemon p50 {:.1} / p99 {:.1} ms ({:.1} MongoDB commands, {:.1} ms of round trips per event); \
+        "[bench]   daemon p50 {:.1} / p99 {:.1} ms (handlers called at p50 {:.1} ms; {:.1} MongoDB commands, \
+         {:.1} ms of round trips per event); \
          per-event p50 {:.1} / p99 {:.1} ms ({:.1} commands, {:.1} ms)",
         f(&ours, "p50_ms"),
         f(&ours, "p99_ms"),
+        f(&ours, "to_handlers_p50_ms"),
         f(&ours, "mongodb_commands_per_event"),
         f(&ours, "mongodb_ms_per_event"),
         f(&base, "p50_ms"),
@@ -732,14 +742,15 @@ async fn per_event_consumer(
 }
 
 /// Sends `count` sign-ups at `rate` per second, to Kafka (`pg == false`) or as outbox rows to PostgreSQL, and
-/// returns each one's latency in milliseconds: the probe's acknowledgement minus the moment it was handed over.
+/// returns each one's latency in milliseconds: the probe's acknowledgement minus the moment it was handed over;
+/// and, as a part of it, when the probe was called.
 async fn latency(
     env: &Env,
     pg: bool,
     count: usize,
     rate: f64,
     subject: Subject,
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let topic = if pg {
         "postgres.activity.event_outbox".to_string()
     } else {
@@ -780,8 +791,8 @@ async fn drive_latency(
     topic: &str,
     count: usize,
     rate: f64,
-    seen: &Arc<Mutex<HashMap<String, i64>>>,
-) -> anyhow::Result<Vec<f64>> {
+    seen: &Arc<Mutex<HashMap<String, (i64, i64)>>>,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let producer = producer(&env.kafka, "0")?;
     let pg = if pg {
         let (c, conn) = tokio_postgres::connect(&env.postgres, tokio_postgres::NoTls).await?;
@@ -870,12 +881,14 @@ async fn drive_latency(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seen = seen.lock().unwrap();
-    let mut ms: Vec<f64> = sent
+    let since = |t0: i64, t: i64| (t - t0) as f64 / 1000.0;
+    let (mut ms, mut called): (Vec<f64>, Vec<f64>) = sent
         .iter()
-        .filter_map(|(id, t0)| seen.get(id).map(|t1| (*t1 - *t0) as f64 / 1000.0))
-        .collect();
+        .filter_map(|(id, t0)| seen.get(id).map(|(c, a)| (since(*t0, *a), since(*t0, *c))))
+        .unzip();
     ms.sort_by(f64::total_cmp);
-    Ok(ms)
+    called.sort_by(f64::total_cmp);
+    Ok((ms, called))
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1543,7 +1556,12 @@ fn summarize(runs: Vec<Value>) -> Value {
     let m = |k: &str| median(runs.iter().filter_map(|r| r[k].as_f64()).collect());
     let mut summary =
         json!({"p50_ms": m("p50_ms"), "p99_ms": m("p99_ms"), "p999_ms": m("p999_ms")});
-    for k in ["mongodb_commands_per_event", "mongodb_ms_per_event"] {
+    for k in [
+        "mongodb_commands_per_event",
+        "mongodb_ms_per_event",
+        "to_handlers_p50_ms",
+        "to_handlers_p99_ms",
+    ] {
         if runs.iter().any(|r| r.get(k).is_some()) {
             summary[k] = json!(m(k));
         }

@@ -574,3 +574,72 @@ async fn only_the_registered_handlers_indexes_are_created() {
         ["kind_1_date_1"]
     );
 }
+
+/// Three replicas' statistics handlers (each with its own recount state) counting sign-ups of two days at once
+/// on one database: every sign-up is counted once, in its day and in the total, however their recounts interleave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_replicas_recounts_count_every_sign_up_once() {
+    use event_processor::event::KafkaCoordinates;
+    use event_processor::handlers::UserStatisticsHandler;
+
+    let env = TestEnv::new("recount", 1).await;
+    let replicas: Vec<(Arc<UserStatisticsHandler>, Arc<HandlerContext>)> = (0..3)
+        .map(|_| {
+            (
+                Arc::new(UserStatisticsHandler::default()),
+                Arc::new(HandlerContext::new(env.db.clone())),
+            )
+        })
+        .collect();
+    // 2026-11-26 and 2026-11-27, noon UTC.
+    let days = [1_795_694_400_000i64, 1_795_780_800_000];
+    let n = 150;
+    let events: Vec<OutboxEvent> = (0..n)
+        .map(|i| OutboxEvent {
+            event_id: new_id(),
+            aggregate_id: new_id(),
+            aggregate_type: Some("user".into()),
+            event_type: "UserCreated".into(),
+            payload: json!({ "email": format!("r{i}@example.com") }),
+            created_at_ms: Some(days[i % 2]),
+            source: KafkaCoordinates {
+                topic: env.topic.clone(),
+                partition: 0,
+                offset: i as i64,
+                timestamp_ms: None,
+            },
+        })
+        .collect();
+    // Every event once, and a third of them a second time (a redelivery to another replica).
+    let deliveries = events.iter().chain(events.iter().step_by(3));
+    let tasks: Vec<_> = deliveries
+        .enumerate()
+        .map(|(i, e)| {
+            let (h, ctx) = replicas[i % replicas.len()].clone();
+            let e = e.clone();
+            tokio::spawn(async move { h.handle(&e, &ctx).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("handler task").expect("handled");
+    }
+    let stats = env
+        .db
+        .collection::<mongodb::bson::Document>("user_statistics");
+    let totals = stats
+        .find_one(doc! { "_id": "totals" })
+        .await
+        .unwrap()
+        .expect("totals");
+    assert_eq!(totals.get_i64("total_users").unwrap(), n as i64);
+    for day in ["2026-11-26", "2026-11-27"] {
+        let daily = stats
+            .find_one(doc! { "_id": format!("daily:{day}") })
+            .await
+            .unwrap()
+            .expect("daily document");
+        assert_eq!(daily.get_i64("signups").unwrap(), (n / 2) as i64, "{day}");
+        let days = totals.get_document("days").unwrap();
+        assert_eq!(days.get_i64(day).unwrap(), (n / 2) as i64, "{day}");
+    }
+}
