@@ -111,11 +111,7 @@ async fn admit_dated(
     let update = doc! { "$setOnInsert": {
         "aggregate_id": &event.aggregate_id, "at": DateTime::from_millis(at),
     } };
-    match ctx
-        .writer
-        .update_one_first(LEDGER, filter, update, true)
-        .await
-    {
+    match ctx.writer.update_one(LEDGER, filter, update, true).await {
         Ok(_) => Ok(()),
         // The id is taken: by other content, or by a copy of this one inserted at the same moment.
         Err(WriteError::Statement {

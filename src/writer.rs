@@ -6,11 +6,6 @@
 //!
 //! Batching needs no timer: while one command is in flight, new statements queue up and go together in the next
 //! ("group commit"). At low load a statement is sent at once.
-//!
-//! One command is in flight at a time, and the next one goes to the collection whose waiting statements include
-//! an event's gate (the event ledger's statement, which holds back every handler of its event), else to the
-//! collection whose oldest statement has waited longest. A new event's ledger statement therefore waits for the
-//! command in flight only, not for a recount's chain of commands or the other collections of a round.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -40,8 +35,6 @@ pub enum WriteError {
 
 struct Op {
     collection: String,
-    /// The statement holds back the rest of its event's work: it goes in the next command.
-    gate: bool,
     /// Serialized once, when queued: its size bounds the command, and a command is built from these bytes.
     statement: RawDocumentBuf,
     bytes: usize,
@@ -88,32 +81,7 @@ impl Writer {
         update: impl Into<Bson>,
         upsert: bool,
     ) -> Result<(), WriteError> {
-        self.queue(collection, filter, update.into(), upsert, false)
-            .await
-    }
-
-    /// [`Writer::update_one`] for a statement that holds back the rest of its event's work (the event ledger's):
-    /// it goes in the next command, ahead of statements that wait on nothing.
-    pub async fn update_one_first(
-        &self,
-        collection: &str,
-        filter: Document,
-        update: Document,
-        upsert: bool,
-    ) -> Result<(), WriteError> {
-        self.queue(collection, filter, update.into(), upsert, true)
-            .await
-    }
-
-    async fn queue(
-        &self,
-        collection: &str,
-        filter: Document,
-        update: Bson,
-        upsert: bool,
-        gate: bool,
-    ) -> Result<(), WriteError> {
-        let statement = doc! { "q": filter, "u": update, "upsert": upsert, "multi": false };
+        let statement = doc! { "q": filter, "u": update.into(), "upsert": upsert, "multi": false };
         let statement = RawDocumentBuf::from_document(&statement).map_err(|e| {
             WriteError::Statement {
                 code: 2, // BadValue: the statement cannot be written as BSON
@@ -124,7 +92,6 @@ impl Writer {
         let (reply, rx) = oneshot::channel();
         let op = Op {
             collection: collection.to_string(),
-            gate,
             statement,
             bytes,
             reply,
@@ -137,51 +104,10 @@ impl Writer {
     }
 }
 
-/// Statements waiting to be sent: per collection, each list in arrival order, collections in the order their
-/// oldest statement arrived.
-#[derive(Default)]
-struct Pending(Vec<(String, Vec<Op>)>);
-
-impl Pending {
-    fn push(&mut self, op: Op) {
-        match self.0.iter_mut().find(|(c, _)| *c == op.collection) {
-            Some((_, ops)) => ops.push(op),
-            None => self.0.push((op.collection.clone(), vec![op])),
-        }
-    }
-
-    /// The next command: the first collection holding a gate statement, else the one waiting longest; as many of
-    /// its statements, in order, as one command takes.
-    fn next_command(&mut self) -> Option<(String, Vec<Op>)> {
-        let i = self
-            .0
-            .iter()
-            .position(|(_, ops)| ops.iter().any(|o| o.gate))
-            .or(if self.0.is_empty() { None } else { Some(0) })?;
-        let ops = &mut self.0[i].1;
-        let (mut n, mut bytes) = (0, 0);
-        while n < ops.len()
-            && n < MAX_STATEMENTS
-            && (n == 0 || bytes + ops[n].bytes <= MAX_COMMAND_BYTES)
-        {
-            bytes += ops[n].bytes;
-            n += 1;
-        }
-        let rest = ops.split_off(n);
-        let (collection, ops) = if rest.is_empty() {
-            self.0.remove(i)
-        } else {
-            let collection = self.0[i].0.clone();
-            (collection, std::mem::replace(&mut self.0[i].1, rest))
-        };
-        Some((collection, ops))
-    }
-}
-
 async fn flusher(db: Database, mut rx: mpsc::UnboundedReceiver<Op>) {
-    let mut pending = Pending::default();
+    let mut pending: Vec<Op> = Vec::new();
     loop {
-        if pending.0.is_empty() {
+        if pending.is_empty() {
             match rx.recv().await {
                 Some(op) => pending.push(op),
                 None => return,
@@ -192,10 +118,29 @@ async fn flusher(db: Database, mut rx: mpsc::UnboundedReceiver<Op>) {
         while let Ok(op) = rx.try_recv() {
             pending.push(op);
         }
+        // Split into commands: per collection, bounded in statements and bytes.
+        let mut by_coll: HashMap<String, Vec<Vec<Op>>> = HashMap::new();
+        for op in pending.drain(..) {
+            let cmds = by_coll.entry(op.collection.clone()).or_default();
+            let fits = cmds.last().is_some_and(|c| {
+                c.len() < MAX_STATEMENTS
+                    && c.iter().map(|o| o.bytes).sum::<usize>() + op.bytes <= MAX_COMMAND_BYTES
+            });
+            if fits {
+                if let Some(last) = cmds.last_mut() {
+                    last.push(op);
+                }
+            } else {
+                cmds.push(vec![op]);
+            }
+        }
+        let commands = by_coll
+            .into_iter()
+            .flat_map(|(coll, cmds)| cmds.into_iter().map(move |ops| (coll.clone(), ops)));
         // One command at a time: a server that applies writes on one core (and competes with the broker for
-        // CPU) does more per second that way.
-        if let Some((collection, ops)) = pending.next_command() {
-            send(&db, collection, ops).await;
+        // CPU) does more per second that way, and a round is rarely more than two or three commands.
+        for (coll, ops) in commands {
+            send(&db, coll, ops).await;
         }
     }
 }
@@ -273,60 +218,5 @@ pub fn bson_int(b: Option<&Bson>) -> Option<i64> {
         Bson::Int64(i) => Some(*i),
         Bson::Double(d) => Some(*d as i64),
         _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn op(collection: &str, gate: bool, bytes: usize) -> Op {
-        Op {
-            collection: collection.into(),
-            gate,
-            statement: RawDocumentBuf::new(),
-            bytes,
-            reply: oneshot::channel().0,
-        }
-    }
-
-    fn order(p: &mut Pending) -> Vec<(String, usize)> {
-        std::iter::from_fn(|| p.next_command())
-            .map(|(c, ops)| (c, ops.len()))
-            .collect()
-    }
-
-    #[test]
-    fn a_gate_statement_goes_first_then_the_longest_waiting_collection() {
-        let mut p = Pending::default();
-        for (c, gate) in [
-            ("stats", false),
-            ("users", false),
-            ("stats", false),
-            ("ledger", true),
-        ] {
-            p.push(op(c, gate, 10));
-        }
-        let expected = [("ledger", 1), ("stats", 2), ("users", 1)];
-        assert_eq!(order(&mut p), expected.map(|(c, n)| (c.to_string(), n)));
-    }
-
-    #[test]
-    fn a_command_is_bounded_in_statements_and_bytes_and_takes_at_least_one() {
-        let mut p = Pending::default();
-        for _ in 0..MAX_STATEMENTS + 1 {
-            p.push(op("a", false, 1));
-        }
-        p.push(op("b", false, MAX_COMMAND_BYTES / 2 + 1));
-        p.push(op("b", false, MAX_COMMAND_BYTES / 2 + 1));
-        p.push(op("c", false, MAX_COMMAND_BYTES * 2));
-        let expected = [
-            ("a", MAX_STATEMENTS),
-            ("a", 1),
-            ("b", 1),
-            ("b", 1),
-            ("c", 1),
-        ];
-        assert_eq!(order(&mut p), expected.map(|(c, n)| (c.to_string(), n)));
     }
 }
