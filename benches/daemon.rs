@@ -764,7 +764,7 @@ async fn per_event_consumer(
 
 /// Sends `count` sign-ups at `rate` per second, to Kafka (`pg == false`) or as outbox rows to PostgreSQL, and
 /// returns each one's latency in milliseconds: the probe's acknowledgement minus the moment it was handed over;
-/// and, as a part of it, when the probe was called.
+/// and, as a part of it, when its handlers were reached (see [`Probe`]).
 async fn latency(
     env: &Env,
     pg: bool,

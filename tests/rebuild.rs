@@ -20,7 +20,7 @@ use serde_json::json;
 
 const PARTITIONS: i32 = 3;
 /// A bound on each stage, not a speed requirement: the slowest, a live daemon applying some 30,000 events of
-/// every handler while a rebuild shares the MongoDB-wire server, took over 240 s on a slow day of this machine.
+/// every handler while a rebuild shares the MongoDB-wire server, took over 240 s on a slow 2-core machine.
 const WAIT: Duration = Duration::from_secs(480);
 
 /// `n` events of every shipped type, in an order a real application produces them: users sign up, some organise
