@@ -639,24 +639,33 @@ where
     }
 }
 
-/// The sum of committed offsets equals `total` (everything produced is finished and committed). On timeout the
-/// failure names each partition's committed offset and end.
-pub async fn wait_committed(env: &TestEnv, partitions: i32, total: i64, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
+/// The sum of committed offsets equals `total` (everything produced is finished and committed). Fails when the
+/// sum has not moved for `stalled` (a stalled consumer), or after three times that in all (a consumer that
+/// crawls); how fast a slow machine applies a backlog is not what these tests check. On failure it names each
+/// partition's committed offset and end.
+pub async fn wait_committed(env: &TestEnv, partitions: i32, total: i64, stalled: Duration) {
+    let started = Instant::now();
+    let (mut last_sum, mut last_move) = (i64::MIN, Instant::now());
     loop {
         let (kafka, group, topic) = (env.kafka.clone(), env.group.clone(), env.topic.clone());
         let offsets =
             tokio::task::spawn_blocking(move || committed(&kafka, &group, &topic, partitions))
                 .await
                 .unwrap();
-        if offsets.iter().map(|o| o.unwrap_or(0)).sum::<i64>() >= total {
+        let sum = offsets.iter().map(|o| o.unwrap_or(0)).sum::<i64>();
+        if sum >= total {
             return;
         }
-        if Instant::now() >= deadline {
+        if sum != last_sum {
+            (last_sum, last_move) = (sum, Instant::now());
+        }
+        if last_move.elapsed() >= stalled || started.elapsed() >= stalled * 3 {
             let ends = env.end_offsets(partitions);
             panic!(
-                "timed out after {timeout:?} waiting for committed offsets to reach {total}; per partition \
+                "waiting for committed offsets to reach {total}: unchanged for {:?}, {:?} in all; per partition \
                  (committed, end): {:?}",
+                last_move.elapsed(),
+                started.elapsed(),
                 offsets.iter().zip(ends).collect::<Vec<_>>()
             );
         }
