@@ -3,7 +3,7 @@
 //! is one `EventHandler` in `handlers/`, registered in `handlers::register_all`.
 
 use async_trait::async_trait;
-use mongodb::bson::Document;
+use mongodb::bson::{Bson, Document};
 use mongodb::error::Error as MongoError;
 use mongodb::{Database, IndexModel};
 
@@ -107,7 +107,7 @@ pub async fn update_one(
     ctx: &HandlerContext,
     collection: &str,
     filter: Document,
-    update: Document,
+    update: impl Into<Bson>,
     upsert: bool,
 ) -> Result<(), HandlerError> {
     ctx.writer
@@ -124,8 +124,9 @@ pub async fn guarded_upsert(
     ctx: &HandlerContext,
     collection: &str,
     filter: Document,
-    update: Document,
+    update: impl Into<Bson>,
 ) -> Result<(), HandlerError> {
+    let update: Bson = update.into();
     match ctx
         .writer
         .update_one(collection, filter.clone(), update.clone(), true)

@@ -72,15 +72,16 @@ impl Writer {
         }
     }
 
-    /// Queues `updateOne(filter, update, {upsert})` on `collection` and waits for the server's answer.
+    /// Queues `updateOne(filter, update, {upsert})` on `collection` and waits for the server's answer. `update`
+    /// is an update document or an aggregation pipeline (a `Vec<Document>`).
     pub async fn update_one(
         &self,
         collection: &str,
         filter: Document,
-        update: Document,
+        update: impl Into<Bson>,
         upsert: bool,
     ) -> Result<(), WriteError> {
-        let statement = doc! { "q": filter, "u": update, "upsert": upsert, "multi": false };
+        let statement = doc! { "q": filter, "u": update.into(), "upsert": upsert, "multi": false };
         let statement = RawDocumentBuf::from_document(&statement).map_err(|e| {
             WriteError::Statement {
                 code: 2, // BadValue: the statement cannot be written as BSON

@@ -12,14 +12,15 @@
 //! connector restart) on the other side of midnight, the copies land in two days' buckets and both count.
 //!
 //! A recount reads only the buckets and days that changed since the last one, and is shared by every event of a
-//! batch, so its cost does not grow with the number of sign-ups already counted.
+//! batch, so its cost does not grow with the number of sign-ups already counted: four round trips (two reads,
+//! two pipeline updates) whatever the batch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use mongodb::bson::{Document, doc};
+use mongodb::bson::{Bson, Document, doc};
 
 use super::{USER_STATISTICS, occurred_at};
 use mongodb::IndexModel;
@@ -73,75 +74,76 @@ async fn read(
         .map_err(classify)
 }
 
-/// Sums the values of a sub-document of numbers.
-fn sum_of(d: &Document, key: &str) -> i64 {
-    d.get_document(key)
-        .map(|m| m.keys().map(|k| number(m, k)).sum())
-        .unwrap_or(0)
+/// An aggregation expression: the sum of the values of the sub-document `field` (0 when it is absent).
+fn sum_of(field: &str) -> Document {
+    doc! { "$sum": { "$map": {
+        "input": { "$objectToArray": { "$ifNull": [format!("${field}"), {}] } },
+        "in": "$$this.v",
+    } } }
 }
 
-/// Raises the derived documents to what the touched buckets say.
+/// An aggregation expression: `field` raised to `value` (aggregation `$max` passes over an absent field).
+fn raised(field: &str, value: impl Into<Bson>) -> Document {
+    doc! { "$max": [format!("${field}"), value.into()] }
+}
+
+/// Raises the derived documents to what the touched buckets say, in four round trips: read the buckets, update
+/// their days, read the days, update the totals. Each update raises its sub-counts and recomputes its sum from the
+/// document it just raised, in one atomic pipeline update, so recounts running at once (in other replicas) cannot
+/// leave a sum that misses a raise: the later of two updates of a document sees both raises.
 async fn recount(ctx: &HandlerContext, buckets: Vec<String>) -> Result<(), HandlerError> {
-    // 1. Each touched bucket's count into its day.
+    // 1. Each touched bucket's count, by day.
     let mut per_day: BTreeMap<String, Document> = BTreeMap::new();
     for b in read(ctx, buckets, doc! { "signups": 1, "date": 1 }).await? {
         let (Ok(id), Ok(day)) = (b.get_str("_id"), b.get_str("date")) else {
             continue;
         };
         let hh = id.rsplit(':').next().unwrap_or_default();
+        let field = format!("buckets.{hh}");
+        let raise = raised(&field, number(&b, "signups"));
         per_day
             .entry(day.to_string())
             .or_default()
-            .insert(format!("buckets.{hh}"), number(&b, "signups"));
+            .insert(field, raise);
     }
+    // 2. Into each day, and the day's sum (the days' updates go in one command).
     let days: Vec<String> = per_day.keys().cloned().collect();
-    futures::future::try_join_all(per_day.into_iter().map(|(day, max)| async move {
+    futures::future::try_join_all(per_day.into_iter().map(|(day, mut set)| async move {
+        set.insert("kind", "daily");
+        set.insert("date", doc! { "$literal": &day });
+        let pipeline = vec![
+            doc! { "$set": set },
+            doc! { "$set": { "signups": raised("signups", sum_of("buckets")) } },
+        ];
         guarded_upsert(
             ctx,
             USER_STATISTICS,
             doc! { "_id": format!("daily:{day}") },
-            doc! { "$max": max, "$setOnInsert": { "kind": "daily", "date": &day } },
+            pipeline,
         )
         .await
     }))
     .await?;
-    // 2. Each touched day's sum into the day and into the totals.
+    // 3. Each touched day's sum into the totals, and the total.
     let ids = days.iter().map(|d| format!("daily:{d}")).collect();
-    let mut day_sums = Document::new();
-    for d in read(ctx, ids, doc! { "buckets": 1, "date": 1 }).await? {
-        let (Ok(id), Ok(day)) = (d.get_str("_id"), d.get_str("date")) else {
+    let mut set = Document::new();
+    for d in read(ctx, ids, doc! { "signups": 1, "date": 1 }).await? {
+        let Ok(day) = d.get_str("date") else {
             continue;
         };
-        let n = sum_of(&d, "buckets");
-        guarded_upsert(
-            ctx,
-            USER_STATISTICS,
-            doc! { "_id": id },
-            doc! { "$max": { "signups": n } },
-        )
-        .await?;
-        day_sums.insert(format!("days.{day}"), n);
+        let field = format!("days.{day}");
+        let raise = raised(&field, number(&d, "signups"));
+        set.insert(field, raise);
     }
-    if day_sums.is_empty() {
+    if set.is_empty() {
         return Ok(());
     }
-    guarded_upsert(
-        ctx,
-        USER_STATISTICS,
-        doc! { "_id": TOTALS_ID },
-        doc! { "$max": day_sums, "$setOnInsert": { "kind": "totals" } },
-    )
-    .await?;
-    // 3. The total.
-    let totals = read(ctx, vec![TOTALS_ID.to_string()], doc! { "days": 1 }).await?;
-    let total = totals.first().map(|t| sum_of(t, "days")).unwrap_or(0);
-    guarded_upsert(
-        ctx,
-        USER_STATISTICS,
-        doc! { "_id": TOTALS_ID },
-        doc! { "$max": { "total_users": total } },
-    )
-    .await
+    set.insert("kind", "totals");
+    let pipeline = vec![
+        doc! { "$set": set },
+        doc! { "$set": { "total_users": raised("total_users", sum_of("days")) } },
+    ];
+    guarded_upsert(ctx, USER_STATISTICS, doc! { "_id": TOTALS_ID }, pipeline).await
 }
 
 #[async_trait]
