@@ -1260,15 +1260,22 @@ async fn main() -> anyhow::Result<()> {
     let work = (records.len(), calls(&handlers, &records));
     let (mut ceil, mut ours, mut base) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ours_work, mut base_work) = (Vec::new(), Vec::new());
+    let mut ours_by_name = Vec::new();
     for i in 0..env.repeat {
         for part in in_turn(i, 3) {
             fresh_server(&env)?;
             let before = MongoWork::now();
+            let names_before = commands_by_name();
             match part {
                 0 => ceil.push(server_ceiling(&env, &records).await?),
                 1 => {
                     ours.push(pipeline(&env, &topic, work, &handlers, true).await?);
                     ours_work.push(MongoWork::now().since(&before, records.len()));
+                    ours_by_name.push(per_thousand(
+                        &commands_by_name(),
+                        &names_before,
+                        records.len(),
+                    ));
                 }
                 _ => {
                     base.push(per_event(&env, &topic, n_per_event).await?);
@@ -1288,10 +1295,15 @@ async fn main() -> anyhow::Result<()> {
         base_work.statements,
         base_work.bytes / 1024.0
     );
+    eprintln!(
+        "[bench]   daemon commands per 1,000 events by name: {}",
+        median_by_name(&ours_by_name)
+    );
     out.insert(
         "mongodb_work_per_1000_events".into(),
         json!({
             "daemon": ours_work.to_json(), "per_event": base_work.to_json(),
+            "daemon_commands_by_name": median_by_name(&ours_by_name),
             "command_ratio_to_per_event": ours_work.commands / base_work.commands,
             "statement_ratio_to_per_event": ours_work.statements / base_work.statements,
         }),
@@ -1497,6 +1509,54 @@ fn server_state(env: &Env) -> &'static str {
     } else {
         "shared by every subject (BENCH_FRESH_MONGO not set)"
     }
+}
+
+/// The commands sent to MongoDB so far, by command name (`event_processor_mongodb_commands_total{command}`).
+fn commands_by_name() -> HashMap<String, f64> {
+    let page = event_processor::http::metrics_handle()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    let prefix = format!("{}{{", event_processor::catalogue::MONGODB_COMMANDS);
+    let mut out = HashMap::new();
+    for line in page.lines().filter(|l| l.starts_with(&prefix)) {
+        let name = line
+            .split("command=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next());
+        let value = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(name), Some(value)) = (name, value) {
+            *out.entry(name.to_string()).or_default() += value;
+        }
+    }
+    out
+}
+
+/// Per 1,000 of `events`, by command name, since `before`.
+fn per_thousand(
+    now: &HashMap<String, f64>,
+    before: &HashMap<String, f64>,
+    events: usize,
+) -> HashMap<String, f64> {
+    let per = 1000.0 / events.max(1) as f64;
+    now.iter()
+        .map(|(k, v)| (k.clone(), (v - before.get(k).unwrap_or(&0.0)) * per))
+        .filter(|(_, v)| *v > 0.0)
+        .collect()
+}
+
+/// The median per command name over runs (a name a run did not send counts as 0 in it).
+fn median_by_name(runs: &[HashMap<String, f64>]) -> Value {
+    let mut names: Vec<&String> = runs.iter().flat_map(|r| r.keys()).collect();
+    names.sort();
+    names.dedup();
+    let map: serde_json::Map<String, Value> = names
+        .into_iter()
+        .map(|n| {
+            let m = median(runs.iter().map(|r| *r.get(n).unwrap_or(&0.0)).collect());
+            (n.clone(), json!(m))
+        })
+        .collect();
+    Value::Object(map)
 }
 
 /// What was sent to MongoDB, from the driver's command monitoring as the daemon exports it

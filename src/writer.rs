@@ -138,7 +138,8 @@ async fn flusher(db: Database, mut rx: mpsc::UnboundedReceiver<Op>) {
             .into_iter()
             .flat_map(|(coll, cmds)| cmds.into_iter().map(move |ops| (coll.clone(), ops)));
         // One command at a time: a server that applies writes on one core (and competes with the broker for
-        // CPU) does more per second that way, and a round is rarely more than two or three commands.
+        // CPU) does more per second that way, and a round is rarely more than two or three commands. A command in
+        // flight per collection was measured slower on such a server (docs/BENCHMARKS.md, "A third, also left out").
         for (coll, ops) in commands {
             send(&db, coll, ops).await;
         }

@@ -643,3 +643,86 @@ async fn concurrent_replicas_recounts_count_every_sign_up_once() {
         assert_eq!(days.get_i64(day).unwrap(), (n / 2) as i64, "{day}");
     }
 }
+
+/// The writer coalesces: under many concurrent statements across collections, every one is answered and applied,
+/// statements share commands, and one refused statement costs its neighbours nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_answers_every_statement_of_concurrent_writers_across_collections() {
+    let services = services().await;
+    let updates = Arc::new(AtomicU32::new(0));
+    let mut options = mongodb::options::ClientOptions::parse(&services.mongo)
+        .await
+        .unwrap();
+    let counter = updates.clone();
+    options.command_event_handler = Some(mongodb::event::EventHandler::callback(move |e| {
+        if let mongodb::event::command::CommandEvent::Started(s) = e
+            && s.command_name == "update"
+        {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }));
+    let client = mongodb::Client::with_options(options).unwrap();
+    let db = client.database(&unique("writer"));
+    let writer = event_processor::writer::Writer::start(db.clone());
+    let collections = ["a", "b", "c", "d"];
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..100 {
+        let writer = writer.clone();
+        tasks.spawn(async move {
+            let mut results = Vec::new();
+            for i in 0..12 {
+                let collection = collections[(task + i) % collections.len()];
+                // One statement the server must refuse: `$inc` of a string field.
+                let update = if task == 42 && i == 7 {
+                    doc! { "$inc": { "s": 1 } }
+                } else {
+                    doc! { "$set": { "task": task as i64, "i": i as i64 } }
+                };
+                let id = format!("{task}-{i}");
+                if task == 42 && i == 7 {
+                    // Make the document the refused statement targets hold a string.
+                    writer
+                        .update_one(
+                            collection,
+                            doc! { "_id": &id },
+                            doc! { "$set": { "s": "x" } },
+                            true,
+                        )
+                        .await
+                        .unwrap();
+                }
+                let result = writer
+                    .update_one(collection, doc! { "_id": &id }, update, true)
+                    .await;
+                results.push((id, result.is_ok()));
+            }
+            results
+        });
+    }
+    let mut answered = 0;
+    while let Some(results) = tokio::time::timeout(WAIT, tasks.join_next())
+        .await
+        .expect("every statement answered")
+    {
+        for (id, ok) in results.unwrap() {
+            answered += 1;
+            assert_eq!(ok, id != "42-7", "statement {id}");
+        }
+    }
+    assert_eq!(answered, 1200);
+    let commands = updates.load(Ordering::Relaxed);
+    assert!(
+        commands < 600,
+        "1,201 statements in {commands} update commands: they should share commands"
+    );
+    let mut stored = 0;
+    for c in collections {
+        stored += db
+            .collection::<mongodb::bson::Document>(c)
+            .count_documents(doc! { "task": { "$exists": true } })
+            .await
+            .unwrap();
+    }
+    assert_eq!(stored, 1199, "every accepted statement applied");
+    let _ = db.drop().await;
+}
