@@ -1295,15 +1295,13 @@ async fn main() -> anyhow::Result<()> {
         base_work.statements,
         base_work.bytes / 1024.0
     );
-    eprintln!(
-        "[bench]   daemon commands per 1,000 events by name: {}",
-        median_by_name(&ours_by_name)
-    );
+    let ours_by_name = median_by_name(&ours_by_name);
+    eprintln!("[bench]   daemon commands per 1,000 events by name: {ours_by_name}");
     out.insert(
         "mongodb_work_per_1000_events".into(),
         json!({
             "daemon": ours_work.to_json(), "per_event": base_work.to_json(),
-            "daemon_commands_by_name": median_by_name(&ours_by_name),
+            "daemon_commands_by_name": ours_by_name,
             "command_ratio_to_per_event": ours_work.commands / base_work.commands,
             "statement_ratio_to_per_event": ours_work.statements / base_work.statements,
         }),
@@ -1511,20 +1509,30 @@ fn server_state(env: &Env) -> &'static str {
     }
 }
 
+/// The daemon's metrics page as a scrape would see it (the recorder is installed by the first call).
+fn metrics_page() -> String {
+    event_processor::http::metrics_handle()
+        .map(|h| h.render())
+        .unwrap_or_default()
+}
+
+/// The samples of the series `name` on `page`: each line, and its value.
+fn samples<'a>(page: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    page.lines()
+        .filter(move |l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| Some((l, l.rsplit(' ').next()?.parse::<f64>().ok()?)))
+}
+
 /// The commands sent to MongoDB so far, by command name (`event_processor_mongodb_commands_total{command}`).
 fn commands_by_name() -> HashMap<String, f64> {
-    let page = event_processor::http::metrics_handle()
-        .map(|h| h.render())
-        .unwrap_or_default();
-    let prefix = format!("{}{{", event_processor::catalogue::MONGODB_COMMANDS);
+    let page = metrics_page();
     let mut out = HashMap::new();
-    for line in page.lines().filter(|l| l.starts_with(&prefix)) {
-        let name = line
+    for (line, value) in samples(&page, event_processor::catalogue::MONGODB_COMMANDS) {
+        if let Some(name) = line
             .split("command=\"")
             .nth(1)
-            .and_then(|r| r.split('"').next());
-        let value = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
-        if let (Some(name), Some(value)) = (name, value) {
+            .and_then(|r| r.split('"').next())
+        {
             *out.entry(name.to_string()).or_default() += value;
         }
     }
@@ -1574,15 +1582,8 @@ struct MongoWork {
 impl MongoWork {
     /// The counters so far (the recorder is installed by the first call).
     fn now() -> MongoWork {
-        let page = event_processor::http::metrics_handle()
-            .map(|h| h.render())
-            .unwrap_or_default();
-        let total = |name: &str| -> f64 {
-            page.lines()
-                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
+        let page = metrics_page();
+        let total = |name: &str| -> f64 { samples(&page, name).map(|(_, v)| v).sum() };
         MongoWork {
             commands: total(event_processor::catalogue::MONGODB_COMMANDS),
             statements: total(event_processor::catalogue::MONGODB_STATEMENTS),
