@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::kafka::OffsetTracker;
-use crate::pipeline::{BatchStats, Processor, RecordOutcome};
+use crate::pipeline::{BatchStats, Processor, RecordOutcome, Tally};
 
 /// A lane: the hash of (topic, partition, Kafka key). Two keys whose hashes collide share a lane: each keeps
 /// its order, they merely do not run concurrently.
@@ -262,12 +262,15 @@ impl Lanes {
 
 /// Takes ready lanes one after the other until the lanes are dropped.
 async fn runner(inner: Arc<Inner>) {
+    // Dropped (flushed) when the runner ends, and so when the runtime drops it.
+    let mut tally = Tally::default();
     loop {
         let next = crate::lock(&inner.ready).pop_front();
         if let Some((key, first)) = next {
-            run_lane(&inner, key, first).await;
+            run_lane(&inner, key, first, &mut tally).await;
             continue;
         }
+        inner.flush(&mut tally);
         let notified = inner.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
@@ -282,7 +285,7 @@ async fn runner(inner: Arc<Inner>) {
 }
 
 /// Runs a lane until its queue is empty, then removes it.
-async fn run_lane(inner: &Inner, key: LaneKey, first: Item) {
+async fn run_lane(inner: &Inner, key: LaneKey, first: Item, tally: &mut Tally) {
     let mut item = first;
     loop {
         // A record is abandoned on shutdown (then so is every later one) or when its partition's assignment
@@ -292,8 +295,15 @@ async fn run_lane(inner: &Inner, key: LaneKey, first: Item) {
         let outcome = if inner.processor.cancel.is_cancelled() || !inner.owns(&item) {
             RecordOutcome::Abandoned
         } else {
-            inner.processor.process_record(&item.msg).await
+            inner.processor.process_counted(&item.msg, tally).await
         };
+        // While records queue for a runner the counts wait for a few more; otherwise every record's are in the
+        // metrics before its end is (a test, or an operator, that sees a record finished sees it counted).
+        if tally.pending() >= TALLY_RECORDS
+            || inner.in_flight.load(Ordering::Relaxed) <= inner.concurrency
+        {
+            inner.flush(tally);
+        }
         inner.ended(&item, outcome);
         let next = {
             let mut lanes = crate::lock(&inner.lanes);
@@ -310,7 +320,17 @@ async fn run_lane(inner: &Inner, key: LaneKey, first: Item) {
     }
 }
 
+/// Records a lane runner counts before it adds them to the shared metrics, at most.
+const TALLY_RECORDS: usize = 64;
+
 impl Inner {
+    /// Adds the tally to the shared metrics, with the number of records in flight.
+    fn flush(&self, tally: &mut Tally) {
+        tally.flush();
+        self.in_flight_gauge
+            .set(self.in_flight.load(Ordering::Relaxed) as f64);
+    }
+
     fn owns(&self, item: &Item) -> bool {
         let msg = &item.msg;
         crate::lock(&self.tracker).is_pending(
@@ -333,11 +353,7 @@ impl Inner {
         }
         self.totals.add(outcome);
         item.batch.counts.add(outcome);
-        let n = self
-            .in_flight
-            .fetch_sub(1, Ordering::SeqCst)
-            .saturating_sub(1);
-        self.in_flight_gauge.set(n as f64);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         if item.batch.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
             batch_done(&item.batch, msg, self.totals());
         }

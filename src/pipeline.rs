@@ -21,7 +21,7 @@ use crate::handler::{EventHandler, HandlerContext, HandlerError};
 use crate::ledger::Refusal;
 use crate::registry::Registry;
 use meters::HandlerMetrics;
-pub use meters::RecordMetrics;
+pub use meters::{RecordMetrics, Tally};
 
 /// Retry and concurrency settings.
 #[derive(Debug, Clone)]
@@ -95,9 +95,10 @@ pub struct Processor {
 }
 
 /// One handler's fate for one event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum HandlerOutcome {
-    Ok,
+    /// Succeeded; its last attempt took this many seconds.
+    Ok(f64),
     DeadLettered,
     Abandoned,
 }
@@ -105,11 +106,16 @@ enum HandlerOutcome {
 impl Processor {
     /// Decodes one record and runs every handler of its event type.
     pub async fn process_record(&self, msg: &OwnedMessage) -> RecordOutcome {
+        self.process_counted(msg, &mut Tally::default()).await
+    }
+
+    /// [`Self::process_record`], its counts added to `tally` (for the caller to flush) rather than to the metrics.
+    pub async fn process_counted(&self, msg: &OwnedMessage, tally: &mut Tally) -> RecordOutcome {
         let topic = msg.topic();
         let partition = msg.partition();
         let offset = msg.offset();
         let topic_metrics = self.metrics.topic(topic);
-        topic_metrics.consumed.increment(1);
+        tally.consumed(&topic_metrics);
         if topic == self.settings.dead_letter_topic {
             // A subscription pattern matched the dead-letter topic (a topic created after start-up can): its
             // letters are never processed here, or one bad record would feed on its own dead letters.
@@ -167,12 +173,12 @@ impl Processor {
                     if let Err(outcome) = self.admit(msg, &mut event).await {
                         return outcome;
                     }
-                    self.fan_out(msg, &event).await
+                    self.fan_out(msg, &event, tally).await
                 }
                 .instrument(span)
                 .await;
                 if matches!(outcome, RecordOutcome::Processed { .. }) {
-                    topic_metrics.processed.increment(1);
+                    tally.processed(&topic_metrics);
                 }
                 outcome
             }
@@ -260,7 +266,12 @@ impl Processor {
     }
 
     /// Runs all handlers of the event concurrently, each isolated from the others' errors and panics.
-    async fn fan_out(&self, msg: &OwnedMessage, event: &OutboxEvent) -> RecordOutcome {
+    async fn fan_out(
+        &self,
+        msg: &OwnedMessage,
+        event: &OutboxEvent,
+        tally: &mut Tally,
+    ) -> RecordOutcome {
         let handlers = self.registry.handlers_for(&event.event_type);
         let mut handles = self.metrics.route(&self.registry, &event.event_type);
         let made;
@@ -280,16 +291,19 @@ impl Processor {
             // Most event types have one handler: no joined set of futures to build.
             ([h], [m]) => {
                 let outcome = self.run_handler(h.as_ref(), m, started, msg, event).await;
-                record_outcome([outcome])
+                record_outcome([(m, outcome)], tally)
             }
             _ => record_outcome(
-                futures::future::join_all(
-                    handlers
-                        .iter()
-                        .zip(handles)
-                        .map(|(h, m)| self.run_handler(h.as_ref(), m, started, msg, event)),
-                )
-                .await,
+                handles.iter().zip(
+                    futures::future::join_all(
+                        handlers
+                            .iter()
+                            .zip(handles)
+                            .map(|(h, m)| self.run_handler(h.as_ref(), m, started, msg, event)),
+                    )
+                    .await,
+                ),
+                tally,
             ),
         }
     }
@@ -311,7 +325,7 @@ impl Processor {
                 let outcome = self
                     .run_handler(h.as_ref(), &m, now, original, &event)
                     .await;
-                record_outcome([outcome])
+                record_outcome([(&m, outcome)], &mut Tally::default())
             }
             _ => self.process_record(original).await,
         }
@@ -349,14 +363,9 @@ impl Processor {
             .catch_unwind()
             .instrument(span.clone())
             .await;
-            handler_metrics
-                .duration
-                .record(started.elapsed().as_secs_f64());
+            let seconds = started.elapsed().as_secs_f64();
             let (class, err): (FailureClass, String) = match call {
-                Ok(Ok(Ok(()))) => {
-                    handler_metrics.ok.increment(1);
-                    return HandlerOutcome::Ok;
-                }
+                Ok(Ok(Ok(()))) => return HandlerOutcome::Ok(seconds),
                 Ok(Ok(Err(HandlerError::Transient(e)))) => {
                     (FailureClass::Transient, format!("{e:#}"))
                 }
@@ -369,6 +378,7 @@ impl Processor {
                 }
                 Err(panic) => (FailureClass::Panic, panic_message(&panic)),
             };
+            handler_metrics.duration.record(seconds);
             let class_name = class.as_str();
             metrics::counter!(crate::catalogue::HANDLER_RESULTS, "handler" => name.to_string(), "event_type" => event.event_type.clone(), "outcome" => class_name)
                 .increment(1);
@@ -455,17 +465,26 @@ fn count_skip(topic: &str, reason: &'static str) {
         .increment(1);
 }
 
-/// A record's outcome from its handlers': abandoned if any was, else processed, counting dead letters.
-fn record_outcome(handlers: impl IntoIterator<Item = HandlerOutcome>) -> RecordOutcome {
+/// A record's outcome from its handlers': abandoned if any was, else processed, counting dead letters. Every
+/// success is tallied, an abandoned sibling's too.
+fn record_outcome<'a>(
+    handlers: impl IntoIterator<Item = (&'a HandlerMetrics, HandlerOutcome)>,
+    tally: &mut Tally,
+) -> RecordOutcome {
     let mut dead_lettered = 0;
-    for outcome in handlers {
+    let mut abandoned = false;
+    for (m, outcome) in handlers {
         match outcome {
-            HandlerOutcome::Abandoned => return RecordOutcome::Abandoned,
+            HandlerOutcome::Abandoned => abandoned = true,
             HandlerOutcome::DeadLettered => dead_lettered += 1,
-            HandlerOutcome::Ok => {}
+            HandlerOutcome::Ok(seconds) => tally.handled(m, seconds),
         }
     }
-    RecordOutcome::Processed { dead_lettered }
+    if abandoned {
+        RecordOutcome::Abandoned
+    } else {
+        RecordOutcome::Processed { dead_lettered }
+    }
 }
 
 /// Capped exponential backoff with full jitter in [d/2, d].
