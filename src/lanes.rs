@@ -100,6 +100,9 @@ struct Inner {
     concurrency: usize,
     /// Whether the runners were started (on the first submit, inside the runtime).
     runners_started: std::sync::atomic::AtomicBool,
+    /// Set once the processor's cancellation token is cancelled, by a task that waits for it: asking the token
+    /// takes its lock, which every runner would contend for on every record.
+    stopping: std::sync::atomic::AtomicBool,
     /// New lanes waiting for a runner, in the order they arrived.
     ready: Mutex<VecDeque<(LaneKey, Item)>>,
     /// Wakes a runner when a lane is ready.
@@ -160,6 +163,7 @@ impl Lanes {
                 hasher: RandomState::default(),
                 concurrency,
                 runners_started: std::sync::atomic::AtomicBool::new(false),
+                stopping: std::sync::atomic::AtomicBool::new(false),
                 ready: Mutex::new(VecDeque::new()),
                 work: Notify::new(),
                 closed,
@@ -243,6 +247,13 @@ impl Lanes {
         for _ in 0..self.inner.concurrency {
             tokio::spawn(runner(self.inner.clone()));
         }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = inner.processor.cancel.cancelled() => inner.stopping.store(true, Ordering::Release),
+                _ = inner.closed.cancelled() => {}
+            }
+        });
     }
 
     /// Records submitted and not yet ended.
@@ -292,7 +303,7 @@ async fn run_lane(inner: &Inner, key: LaneKey, first: Item, tally: &mut Tally) {
         // ended (then so did that of every later record of the lane taken in under it; records of the partition
         // fetched again under a new assignment queue behind them and run). Checked when the record's turn comes:
         // a new lane may have waited long for a runner (all of them busy), and its partition may have moved.
-        let outcome = if inner.processor.cancel.is_cancelled() || !inner.owns(&item) {
+        let outcome = if inner.stopping.load(Ordering::Acquire) || !inner.owns(&item) {
             RecordOutcome::Abandoned
         } else {
             inner.processor.process_counted(&item.msg, tally).await
