@@ -1,8 +1,8 @@
 //! Metric handles of the per-record path, looked up once per label set, and the [`Tally`] that adds a run of
 //! records' counts to them together. The `metrics` macros build, hash and look up a key in the recorder's registry
 //! on every call, which cost more than decoding a record's fields; and every update of a shared counter or
-//! histogram is a few atomic operations on memory every worker thread writes, a fifth of the no-op pipeline's CPU
-//! when done per record (docs/BENCHMARKS.md, "CPU per record").
+//! histogram is a few atomic operations on memory every worker thread writes, a sixth to a fifth of the no-op
+//! pipeline's CPU when done per record (docs/BENCHMARKS.md, "CPU per record").
 
 use std::collections::HashMap;
 use std::sync::{OnceLock, RwLock};
@@ -123,8 +123,10 @@ impl RecordMetrics {
 /// once per record, and are exact whenever the daemon is idle. Dropping it flushes it.
 #[derive(Default)]
 pub struct Tally {
+    /// By slot: the handles, records consumed, records processed.
     topics: Vec<Option<(TopicMetrics, u64, u64)>>,
-    handlers: Vec<Option<(HandlerMetrics, u64, Vec<f64>)>>,
+    /// By slot: the handles and the durations of the successful calls (as many as there were).
+    handlers: Vec<Option<(HandlerMetrics, Vec<f64>)>>,
     records: usize,
 }
 
@@ -136,14 +138,14 @@ impl Tally {
 
     pub fn consumed(&mut self, m: &TopicMetrics) {
         self.records += 1;
-        match slot(&mut self.topics, m.slot, m) {
+        match slot(&mut self.topics, m.slot, || (m.clone(), 0, 0)) {
             Some(entry) => entry.1 += 1,
             None => m.consumed.increment(1),
         }
     }
 
     pub fn processed(&mut self, m: &TopicMetrics) {
-        match slot(&mut self.topics, m.slot, m) {
+        match slot(&mut self.topics, m.slot, || (m.clone(), 0, 0)) {
             Some(entry) => entry.2 += 1,
             None => m.processed.increment(1),
         }
@@ -151,11 +153,8 @@ impl Tally {
 
     /// A handler call that succeeded after `seconds` (its last attempt's).
     pub fn handled(&mut self, m: &HandlerMetrics, seconds: f64) {
-        match slot(&mut self.handlers, m.slot, m) {
-            Some(entry) => {
-                entry.1 += 1;
-                entry.2.push(seconds);
-            }
+        match slot(&mut self.handlers, m.slot, || (m.clone(), Vec::new())) {
+            Some((_, durations)) => durations.push(seconds),
             None => {
                 m.duration.record(seconds);
                 m.ok.increment(1);
@@ -174,9 +173,9 @@ impl Tally {
                 m.processed.increment(std::mem::take(processed));
             }
         }
-        for (m, ok, durations) in self.handlers.iter_mut().flatten() {
-            if *ok > 0 {
-                m.ok.increment(std::mem::take(ok));
+        for (m, durations) in self.handlers.iter_mut().flatten() {
+            if !durations.is_empty() {
+                m.ok.increment(durations.len() as u64);
             }
             for d in durations.drain(..) {
                 m.duration.record(d);
@@ -191,17 +190,17 @@ impl Drop for Tally {
     }
 }
 
-/// The tally's entry for the handles of `slot`, made on first use; `None` for handles without a slot.
-fn slot<'a, H: Clone, C: Default>(
-    entries: &'a mut Vec<Option<(H, u64, C)>>,
+/// The tally's entry of `slot`, made by `make` on first use; `None` for handles without a slot.
+fn slot<E>(
+    entries: &mut Vec<Option<E>>,
     slot: Option<usize>,
-    handles: &H,
-) -> Option<&'a mut (H, u64, C)> {
+    make: impl FnOnce() -> E,
+) -> Option<&mut E> {
     let i = slot?;
     if entries.len() <= i {
         entries.resize_with(i + 1, || None);
     }
-    Some(entries[i].get_or_insert_with(|| (handles.clone(), 0, C::default())))
+    Some(entries[i].get_or_insert_with(make))
 }
 
 #[cfg(test)]
