@@ -224,10 +224,13 @@ mod tests {
         assert_eq!(h.get("past the bound", "", |slot| (7, slot)), (7, None));
     }
 
-    /// The value of the sample of `metric` whose labels contain `labels`, in a Prometheus page; 0 when absent.
-    fn sample(page: &str, metric: &str, labels: &str) -> f64 {
+    /// The value of the sample of `metric` whose labels include every one of `labels`, in a Prometheus page; 0 when
+    /// absent.
+    fn sample(page: &str, metric: &str, labels: &[&str]) -> f64 {
         page.lines()
-            .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(labels))
+            .filter(|l| {
+                l.starts_with(&format!("{metric}{{")) && labels.iter().all(|x| l.contains(x))
+            })
             .find_map(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or(0.0)
     }
@@ -245,7 +248,7 @@ mod tests {
             };
             (m.topic("orders"), m.handler("h", "UserCreated"), unslotted)
         });
-        let consumed = |labels| sample(&page.render(), RECORDS_CONSUMED, labels);
+        let consumed = |label| sample(&page.render(), RECORDS_CONSUMED, &[label]);
         let mut tally = super::Tally::default();
         for _ in 0..3 {
             tally.consumed(&topic);
@@ -259,10 +262,28 @@ mod tests {
         tally.flush();
         let text = page.render();
         assert_eq!(tally.pending(), 0);
-        assert_eq!(sample(&text, RECORDS_CONSUMED, r#"topic="orders""#), 3.0);
-        assert_eq!(sample(&text, RECORDS, r#"outcome="processed""#), 1.0);
-        assert_eq!(sample(&text, HANDLER_RESULTS, r#"outcome="ok""#), 2.0);
-        let duration = |suffix: &str| sample(&text, &format!("{HANDLER_DURATION}_{suffix}"), "h");
+        let orders = r#"topic="orders""#;
+        assert_eq!(sample(&text, RECORDS_CONSUMED, &[orders]), 3.0);
+        // Both topics have a `processed` series (the other's at 0): the page lists them in no fixed order.
+        assert_eq!(
+            sample(&text, RECORDS, &[orders, r#"outcome="processed""#]),
+            1.0
+        );
+        assert_eq!(
+            sample(
+                &text,
+                HANDLER_RESULTS,
+                &[r#"handler="h""#, r#"outcome="ok""#]
+            ),
+            2.0
+        );
+        let duration = |suffix: &str| {
+            sample(
+                &text,
+                &format!("{HANDLER_DURATION}_{suffix}"),
+                &[r#"handler="h""#],
+            )
+        };
         assert_eq!((duration("count"), duration("sum")), (2.0, 0.75));
 
         tally.flush();
