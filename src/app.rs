@@ -131,6 +131,8 @@ pub async fn serve(
         settings: ProcessingSettings::from_config(&config),
         cancel: CancellationToken::new(),
         metrics: Default::default(),
+        health: health.clone(),
+        outages: Default::default(),
     });
     let result = kafka::run(&config, processor, health, shutdown).await;
     dead_letters.flush(Duration::from_secs(5));

@@ -105,6 +105,11 @@ pub struct Config {
     /// Comma-separated topics; an entry starting with `^` is a regular expression.
     #[serde(default = "d::topics")]
     pub kafka_topics: String,
+    /// What each topic carries, as its Debezium configuration decides: comma-separated `TOPIC=FORMAT` or
+    /// `^PATTERN=FORMAT` entries and at most one bare `FORMAT` for the rest (`decode::Formats`). Empty:
+    /// `debezium` everywhere, which reads the shipped connector configurations.
+    #[serde(default)]
+    pub record_formats: String,
     /// Records taken from the consumer per poll.
     #[serde(default = "d::hundred")]
     pub kafka_max_poll_records: usize,
@@ -122,13 +127,25 @@ pub struct Config {
     /// and exits for its supervisor to restart it; 0 disables. librdkafka can fail to rejoin after a broker restart.
     #[serde(default = "d::rejoin_timeout_ms")]
     pub kafka_rejoin_timeout_ms: u64,
-    /// Static group membership: a stable id per instance avoids a rebalance on restart; `{hostname}` in it is
-    /// replaced by the host name (a container's, which survives a restart in place).
-    #[serde(default)]
-    pub kafka_group_instance_id: Option<String>,
+    /// Static group membership (`group.instance.id`): `auto` (the default) gives each process on a host its own
+    /// stable id, `event-processor-<host name>-<slot>`, the slot being the lowest free one on the host (held by a
+    /// lock file while the process runs), so that a process restarted in place (a container, a pod, a service
+    /// after a crash) rejoins as the same member and takes its partitions back without a rebalance; `none` (or
+    /// empty) turns it off; anything else is the id, `{hostname}` in it replaced by the host name. A process that
+    /// stops cleanly leaves the group either way, so its partitions move at once.
+    #[serde(default = "d::instance_id")]
+    pub kafka_group_instance_id: String,
+    /// The consumer group protocol: `classic`, or `consumer` (KIP-848, Kafka 4.x brokers; its session timeout is
+    /// the broker's, `KAFKA_SESSION_TIMEOUT_MS` does not apply). docs/RELIABILITY.md compares them.
+    #[serde(default = "d::group_protocol")]
+    pub kafka_group_protocol: String,
     /// Records handed to the keyed lanes together: one `Batch done` log line each.
     #[serde(default = "d::hundred")]
     pub processing_batch_size: usize,
+    /// How long a partition's oldest waiting record may hold its commit before the process reports itself not
+    /// ready (`/health/ready`), whatever holds it up: MongoDB down, a dead letter refused, a handler retrying.
+    #[serde(default = "d::partition_stall_timeout_ms")]
+    pub partition_stall_timeout_ms: u64,
     /// Records (of different keys) processed concurrently.
     #[serde(default = "d::concurrency")]
     pub processing_concurrency: usize,
@@ -185,6 +202,12 @@ mod d {
     pub fn group_id() -> String {
         "event-processor".into()
     }
+    pub fn instance_id() -> String {
+        "auto".into()
+    }
+    pub fn group_protocol() -> String {
+        "classic".into()
+    }
     pub fn topics() -> String {
         "postgres.activity.event_outbox".into()
     }
@@ -205,6 +228,9 @@ mod d {
     }
     pub fn rejoin_timeout_ms() -> u64 {
         600_000
+    }
+    pub fn partition_stall_timeout_ms() -> u64 {
+        60_000
     }
     pub fn concurrency() -> usize {
         256
@@ -327,11 +353,17 @@ impl Config {
         if self.dlq_topic.trim().is_empty() {
             return bad("DLQ_TOPIC", "must not be empty");
         }
+        if let Err(e) = crate::decode::Formats::parse(&self.record_formats) {
+            return bad("RECORD_FORMATS", &e);
+        }
         if self.kafka_max_poll_records == 0 {
             return bad("KAFKA_MAX_POLL_RECORDS", "must be at least 1");
         }
         if self.processing_batch_size == 0 {
             return bad("PROCESSING_BATCH_SIZE", "must be at least 1");
+        }
+        if self.partition_stall_timeout_ms == 0 {
+            return bad("PARTITION_STALL_TIMEOUT_MS", "must be at least 1");
         }
         if self.processing_concurrency == 0 {
             return bad("PROCESSING_CONCURRENCY", "must be at least 1");
@@ -341,6 +373,9 @@ impl Config {
         }
         if self.handler_max_attempts == 0 {
             return bad("HANDLER_MAX_ATTEMPTS", "must be at least 1");
+        }
+        if !matches!(self.kafka_group_protocol.as_str(), "classic" | "consumer") {
+            return bad("KAFKA_GROUP_PROTOCOL", "must be `classic` or `consumer`");
         }
         if !matches!(self.kafka_auto_offset_reset.as_str(), "earliest" | "latest") {
             return bad("KAFKA_AUTO_OFFSET_RESET", "must be `earliest` or `latest`");
@@ -414,6 +449,11 @@ impl Config {
             Ok(serde_json::Value::Object(m)) => m.keys().map(|k| k.to_ascii_uppercase()).collect(),
             _ => Vec::new(),
         }
+    }
+
+    /// The declared format of every topic (validated with the rest of the configuration).
+    pub fn record_formats(&self) -> crate::decode::Formats {
+        crate::decode::Formats::parse(&self.record_formats).unwrap_or_default()
     }
 
     /// The subscription: topic names and `^`-patterns.

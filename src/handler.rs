@@ -96,6 +96,9 @@ pub fn classify_write(err: WriteError) -> HandlerError {
         WriteError::Statement { code, message } => {
             HandlerError::Permanent(anyhow::anyhow!("MongoDB write error {code}: {message}"))
         }
+        WriteError::Concern { code, message } => HandlerError::Transient(anyhow::anyhow!(
+            "MongoDB write concern not satisfied ({code}): {message}"
+        )),
         WriteError::Closed => {
             HandlerError::Transient(anyhow::anyhow!("the MongoDB writer stopped"))
         }

@@ -1,6 +1,7 @@
 //! Liveness and readiness as the processing loop sees them. Owns only atomics that the loop, the Kafka context
 //! and the MongoDB pinger update; the HTTP layer reads them.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -18,6 +19,20 @@ pub struct Health {
     last_beat_ms: AtomicI64,
     /// When commits started failing (0 while they succeed).
     commit_failing_since_ms: AtomicI64,
+    /// Records whose dead letter the broker refuses now (`dlq::is_refusal`).
+    letters_refused: AtomicUsize,
+    /// Partitions whose oldest waiting record has waited past `PARTITION_STALL_TIMEOUT_MS`.
+    stalled: Mutex<Vec<StalledPartition>>,
+}
+
+/// A partition that has not committed for the stall bound, though a record of it waits.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StalledPartition {
+    pub topic: String,
+    pub partition: i32,
+    /// The record it waits for.
+    pub offset: i64,
+    pub waiting_s: u64,
 }
 
 /// What `/health/ready` reports.
@@ -27,6 +42,10 @@ pub struct Readiness {
     pub assigned_partitions: usize,
     pub mongo_reachable: bool,
     pub commits_stalled: bool,
+    /// Records whose dead letter the broker refuses: their partitions wait behind them.
+    pub dead_letters_refused: usize,
+    /// Partitions whose oldest waiting record has waited past the stall bound, whatever the cause.
+    pub stalled_partitions: Vec<StalledPartition>,
 }
 
 impl Health {
@@ -70,6 +89,24 @@ impl Health {
         }
     }
 
+    /// A record's dead letter is refused (`true`), or went after all (`false`).
+    pub fn letter_refused(&self, refused: bool) {
+        if refused {
+            self.letters_refused.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let _ = self
+                .letters_refused
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(1))
+                });
+        }
+    }
+
+    /// The partitions stalled now (replaces the previous list).
+    pub fn set_stalled(&self, stalled: Vec<StalledPartition>) {
+        *crate::lock(&self.stalled) = stalled;
+    }
+
     pub fn live(&self) -> bool {
         now_ms() - self.last_beat_ms.load(Ordering::Relaxed) < LIVENESS_STALL.as_millis() as i64
     }
@@ -79,11 +116,19 @@ impl Health {
         let commits_stalled = since != 0 && now_ms() - since > COMMIT_STALL.as_millis() as i64;
         let assigned_partitions = self.assigned_partitions.load(Ordering::Relaxed);
         let mongo_reachable = self.mongo_reachable.load(Ordering::Relaxed);
+        let dead_letters_refused = self.letters_refused.load(Ordering::Relaxed);
+        let stalled_partitions = crate::lock(&self.stalled).clone();
         Readiness {
-            ready: assigned_partitions > 0 && mongo_reachable && !commits_stalled,
+            ready: assigned_partitions > 0
+                && mongo_reachable
+                && !commits_stalled
+                && dead_letters_refused == 0
+                && stalled_partitions.is_empty(),
             assigned_partitions,
             mongo_reachable,
             commits_stalled,
+            dead_letters_refused,
+            stalled_partitions,
         }
     }
 }
@@ -103,5 +148,26 @@ mod tests {
         assert!(h.readiness().ready);
         h.remove_assigned(3);
         assert!(!h.readiness().ready);
+    }
+
+    #[test]
+    fn a_refused_dead_letter_or_a_stalled_partition_makes_it_not_ready() {
+        let h = Health::new();
+        h.add_assigned(1);
+        h.set_mongo_reachable(true);
+        h.letter_refused(true);
+        assert!(!h.readiness().ready);
+        assert_eq!(h.readiness().dead_letters_refused, 1);
+        h.letter_refused(false);
+        assert!(h.readiness().ready);
+        h.set_stalled(vec![StalledPartition {
+            topic: "t".into(),
+            partition: 0,
+            offset: 7,
+            waiting_s: 61,
+        }]);
+        assert!(!h.readiness().ready);
+        h.set_stalled(Vec::new());
+        assert!(h.readiness().ready);
     }
 }

@@ -23,6 +23,9 @@ use tracing::info;
 use crate::kafka::OffsetTracker;
 use crate::pipeline::{BatchStats, Processor, RecordOutcome, Tally};
 
+mod away;
+use away::Away;
+
 /// A lane: the hash of (topic, partition, Kafka key). Two keys whose hashes collide share a lane: each keeps
 /// its order, they merely do not run concurrently.
 type LaneKey = u64;
@@ -114,6 +117,8 @@ struct Inner {
     progress: Notify,
     /// Since start: processed, skipped, errors (dead-lettered records and handlers), abandoned.
     totals: Counts,
+    /// Holds the lanes after the process was away long enough to have lost its partitions.
+    away: Away,
 }
 
 /// Runs submitted records in keyed lanes. Cheap to clone.
@@ -153,6 +158,7 @@ impl BatchHandle {
 impl Lanes {
     pub fn new(processor: Arc<Processor>, tracker: Arc<Mutex<OffsetTracker>>) -> Self {
         let concurrency = processor.settings.concurrency.max(1);
+        let processor_away_threshold = processor.settings.away_threshold;
         let closed = CancellationToken::new();
         Lanes {
             _close: Arc::new(CloseOnDrop(closed.clone())),
@@ -171,6 +177,7 @@ impl Lanes {
                 in_flight_gauge: metrics::gauge!(crate::catalogue::IN_FLIGHT),
                 progress: Notify::new(),
                 totals: Counts::default(),
+                away: Away::new(processor_away_threshold),
             }),
         }
     }
@@ -254,6 +261,31 @@ impl Lanes {
                 _ = inner.closed.cancelled() => {}
             }
         });
+        // The clock's reading that tells a gap (`away`).
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = inner.closed.cancelled() => return,
+                    _ = tokio::time::sleep(away::TICK) => inner.away.check(),
+                }
+            }
+        });
+    }
+
+    /// Resolves once the lanes were held after a gap (see `lanes::away`): the assignment needs confirming.
+    pub async fn away_noticed(&self) {
+        self.inner.away.noticed().await;
+    }
+
+    /// Whether the lanes are held after a gap.
+    pub fn held(&self) -> bool {
+        self.inner.away.is_held()
+    }
+
+    /// The assignment is confirmed: held records start.
+    pub fn release(&self) {
+        self.inner.away.release();
     }
 
     /// Records submitted and not yet ended.
@@ -303,6 +335,11 @@ async fn run_lane(inner: &Inner, key: LaneKey, first: Item, tally: &mut Tally) {
         // ended (then so did that of every later record of the lane taken in under it; records of the partition
         // fetched again under a new assignment queue behind them and run). Checked when the record's turn comes:
         // a new lane may have waited long for a runner (all of them busy), and its partition may have moved.
+        // After a gap the record waits until its partition is confirmed ours (or dropped as lost).
+        tokio::select! {
+            _ = inner.away.pass() => {}
+            _ = inner.processor.cancel.cancelled() => {}
+        }
         let outcome = if inner.stopping.load(Ordering::Acquire) || !inner.owns(&item) {
             RecordOutcome::Abandoned
         } else {

@@ -12,7 +12,7 @@ use futures::FutureExt;
 use rdkafka::message::{Message, OwnedMessage};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, Span, debug, debug_span, error, info_span, warn};
+use tracing::{Instrument, Span, debug, debug_span, error, info, info_span, warn};
 
 use crate::decode::{Decoded, decode};
 use crate::dlq::{DeadLetter, DeadLetterSink};
@@ -35,6 +35,11 @@ pub struct ProcessingSettings {
     pub ledger: bool,
     /// The dead-letter topic: its records are never processed, even where a subscription pattern matches it.
     pub dead_letter_topic: String,
+    /// What each topic carries (`RECORD_FORMATS`).
+    pub formats: Arc<crate::decode::Formats>,
+    /// The shortest gap in the process's running (stopped, frozen) after which no record starts until its
+    /// partition is confirmed (`lanes::away`): a third of the session timeout, between 1 and 3 s.
+    pub away_threshold: Duration,
 }
 
 impl ProcessingSettings {
@@ -47,6 +52,9 @@ impl ProcessingSettings {
             max_backoff: Duration::from_millis(c.retry_max_backoff_ms),
             ledger: c.event_ledger,
             dead_letter_topic: c.dlq_topic.clone(),
+            formats: Arc::new(c.record_formats()),
+            away_threshold: Duration::from_millis(c.kafka_session_timeout_ms / 3)
+                .clamp(Duration::from_secs(1), Duration::from_secs(3)),
         }
     }
 }
@@ -92,6 +100,10 @@ pub struct Processor {
     pub cancel: CancellationToken,
     /// Metric handles of the per-record path.
     pub metrics: RecordMetrics,
+    /// Readiness: what the per-record path knows of it (dead letters the broker refuses).
+    pub health: Arc<crate::health::Health>,
+    /// What the logs say while a dependency is unavailable (`crate::outage`).
+    pub outages: crate::outage::Outages,
 }
 
 /// One handler's fate for one event.
@@ -128,9 +140,10 @@ impl Processor {
             count_skip(topic, "dead_letter_topic");
             return RecordOutcome::Skipped;
         }
-        match decode(msg) {
+        let format = self.settings.formats.of(topic);
+        match decode(msg, format) {
             Err(e) => {
-                let (event_id, event_type) = crate::decode::identity(msg);
+                let (event_id, event_type) = crate::decode::identity(msg, format);
                 warn!(topic, partition, offset, event_id, event_type, error = %e, error_class = e.class(), "Undecodable record; dead-lettering it");
                 metrics::counter!(crate::catalogue::RECORDS, "topic" => topic.to_string(), "outcome" => "undecodable")
                     .increment(1);
@@ -201,11 +214,19 @@ impl Processor {
             return Ok(());
         }
         let (mut attempt, mut failures) = (0u32, 0u32);
+        let ledger = self.outages.of("MongoDB (event ledger)");
+        let waiting = waiting_of(msg);
         loop {
             attempt += 1;
             let err = match crate::ledger::admit(&self.ctx, event).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if attempt > 1 {
+                        ledger.succeeded(&waiting);
+                    }
+                    return Ok(());
+                }
                 Err(Refusal::Conflict { first, now }) => {
+                    ledger.forget(&waiting);
                     let why = format!(
                         "event id {} was taken in before with other content (fingerprint {first}, now {now}); the \
                          first version stands",
@@ -220,19 +241,28 @@ impl Processor {
             };
             metrics::counter!(crate::catalogue::LEDGER_FAILURES, "class" => if err.is_transient() { "transient" } else { "permanent" })
                 .increment(1);
-            if !err.is_transient() {
+            if err.is_transient() {
+                // One line per outage and a summary while it lasts (crate::outage), not one per record and retry.
+                record_span(event).in_scope(|| {
+                    ledger.failed(waiting.clone(), &format!("{err:#}"));
+                    debug!(error = %err, attempt, "Event ledger unavailable; retrying")
+                });
+            } else {
                 failures += 1;
                 if failures >= self.settings.max_attempts {
+                    ledger.forget(&waiting);
                     let why = format!("{err:#}");
                     record_span(event).in_scope(|| error!(error = %why, attempts = attempt, "Event ledger refused the event; dead-lettering it"));
                     return Err(self
                         .refuse(msg, event, "ledger.permanent", why, attempt)
                         .await);
                 }
+                record_span(event).in_scope(
+                    || warn!(error = %err, attempt, "Event ledger refused the event; retrying"),
+                );
             }
-            record_span(event)
-                .in_scope(|| warn!(error = %err, attempt, "Event ledger unavailable; retrying"));
             if !self.sleep(backoff(&self.settings, attempt)).await {
+                ledger.forget(&waiting);
                 return Err(RecordOutcome::Abandoned);
             }
         }
@@ -315,7 +345,7 @@ impl Processor {
         let Some(h) = handler.and_then(|name| self.registry.by_name(name)) else {
             return self.process_record(original).await;
         };
-        match decode(original) {
+        match decode(original, self.settings.formats.of(original.topic())) {
             Ok(Decoded::Event(mut event)) => {
                 if let Err(outcome) = self.admit(original, &mut event).await {
                     return outcome;
@@ -345,6 +375,8 @@ impl Processor {
         let name = handler.name();
         let mut failures: u32 = 0;
         let mut attempt: u32 = 0;
+        // The handler's outage once it has failed transiently.
+        let mut outage: Option<Arc<crate::outage::Outage>> = None;
         // The record's span once the handler has failed: its log lines, and its handler's in later attempts, name
         // the record.
         let mut span = Span::none();
@@ -365,7 +397,12 @@ impl Processor {
             .await;
             let seconds = started.elapsed().as_secs_f64();
             let (class, err): (FailureClass, String) = match call {
-                Ok(Ok(Ok(()))) => return HandlerOutcome::Ok(seconds),
+                Ok(Ok(Ok(()))) => {
+                    if let Some(o) = &outage {
+                        o.succeeded(&waiting_of(msg));
+                    }
+                    return HandlerOutcome::Ok(seconds);
+                }
                 Ok(Ok(Err(HandlerError::Transient(e)))) => {
                     (FailureClass::Transient, format!("{e:#}"))
                 }
@@ -387,11 +424,19 @@ impl Processor {
             }
             if class == FailureClass::Transient {
                 // Never dead-lettered: the world, not the event, is at fault. The backoff restarts from the
-                // first failure of each outage.
-                span.in_scope(|| warn!(handler = name, attempt, error = %err, "Handler failed transiently; retrying"));
+                // first failure of each outage. One line per outage and a summary while it lasts, not one per
+                // record and retry (crate::outage).
+                let o = outage.get_or_insert_with(|| self.outages.of(&format!("handler {name}")));
+                span.in_scope(|| {
+                    o.failed(waiting_of(msg), &err);
+                    debug!(handler = name, attempt, error = %err, "Handler failed transiently; retrying")
+                });
             } else {
                 failures += 1;
                 if failures >= self.settings.max_attempts {
+                    if let Some(o) = &outage {
+                        o.forget(&waiting_of(msg));
+                    }
                     span.in_scope(|| error!(handler = name, attempts = attempt, error_class = class_name, error = %err, "Handler failed permanently; dead-lettering"));
                     let letter = DeadLetter {
                         record: msg,
@@ -411,33 +456,75 @@ impl Processor {
                 span.in_scope(|| warn!(handler = name, attempt, error_class = class_name, error = %err, "Handler failed; retrying"));
             }
             if !self.sleep(backoff(&self.settings, attempt)).await {
+                if let Some(o) = &outage {
+                    o.forget(&waiting_of(msg));
+                }
                 return HandlerOutcome::Abandoned;
             }
         }
     }
 
     /// Writes a dead letter, retrying until the broker acknowledges it or shutdown. False when abandoned: the
-    /// record then stays uncommitted.
+    /// record then stays uncommitted. A letter the broker refuses for a reason retrying cannot cure (size,
+    /// authorisation, a topic it cannot make: `dlq::is_refusal`) is an ERROR naming the record and makes the process
+    /// not ready until it goes; it is tried again at the longest backoff, so that a fixed cause (an ACL granted, the
+    /// topic made) lets the partition go on.
     async fn dead_letter(&self, letter: &DeadLetter<'_>) -> bool {
+        let r = letter.record;
+        let waiting = waiting_of(r);
+        let topic = self.outages.of("dead-letter topic");
+        let mut refused = false;
         let mut attempt = 0;
-        loop {
+        let result = loop {
             attempt += 1;
             match self.dead_letters.send(letter).await {
                 Ok(()) => {
-                    metrics::counter!(crate::catalogue::DEAD_LETTERS, "topic" => letter.record.topic().to_string(), "class" => letter.error_class.clone())
+                    metrics::counter!(crate::catalogue::DEAD_LETTERS, "topic" => r.topic().to_string(), "class" => letter.error_class.clone())
                         .increment(1);
-                    return true;
+                    topic.succeeded(&waiting);
+                    if refused {
+                        info!(
+                            topic = r.topic(),
+                            partition = r.partition(),
+                            offset = r.offset(),
+                            attempt,
+                            "The dead-letter topic took the letter it refused; the partition goes on"
+                        );
+                    }
+                    break true;
                 }
                 Err(e) => {
                     metrics::counter!(crate::catalogue::DEAD_LETTER_FAILURES).increment(1);
-                    error!(topic = letter.record.topic(), partition = letter.record.partition(), offset = letter.record.offset(),
-                        error = %e, attempt, "Dead-letter topic unavailable; the record stays uncommitted");
+                    if crate::dlq::is_refusal(&e) {
+                        if !refused {
+                            refused = true;
+                            self.health.letter_refused(true);
+                            error!(topic = r.topic(), partition = r.partition(), offset = r.offset(),
+                                event_id = letter.event_id, error_class = %letter.error_class, error = %e,
+                                "The dead-letter topic refuses this record's letter; its partition is not committed past it \
+                                 and the process is not ready until the letter goes (tried again every RETRY_MAX_BACKOFF_MS)");
+                        }
+                    } else {
+                        topic.failed(waiting.clone(), &e.to_string());
+                        debug!(topic = r.topic(), partition = r.partition(), offset = r.offset(),
+                            error = %e, attempt, "Dead-letter topic unavailable; the record stays uncommitted");
+                    }
                 }
             }
-            if !self.sleep(backoff(&self.settings, attempt)).await {
-                return false;
+            let wait = if refused {
+                self.settings.max_backoff
+            } else {
+                backoff(&self.settings, attempt)
+            };
+            if !self.sleep(wait).await {
+                topic.forget(&waiting);
+                break false;
             }
+        };
+        if refused {
+            self.health.letter_refused(false);
         }
+        result
     }
 
     /// Sleeps unless shutdown comes first (then false).
@@ -458,6 +545,11 @@ fn record_span(event: &OutboxEvent) -> Span {
     }
     let s = &event.source;
     info_span!("event", topic = %s.topic, partition = s.partition, offset = s.offset, event_id = %event.event_id, event_type = %event.event_type)
+}
+
+/// How a record is named in outage summaries.
+fn waiting_of(msg: &OwnedMessage) -> crate::outage::Waiting {
+    (msg.topic().to_string(), msg.partition(), msg.offset())
 }
 
 fn count_skip(topic: &str, reason: &'static str) {

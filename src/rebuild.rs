@@ -214,7 +214,7 @@ pub async fn run(
 
     let mut rebuild_config = config.clone();
     rebuild_config.kafka_group_id = record.group.clone();
-    rebuild_config.kafka_group_instance_id = None;
+    rebuild_config.kafka_group_instance_id = "none".into();
     rebuild_config.kafka_auto_offset_reset = "earliest".into();
     let pipeline_stop = CancellationToken::new();
     let pipeline = tokio::spawn(app::serve(

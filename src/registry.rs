@@ -69,8 +69,17 @@ pub const MAX_PAYLOAD_DEPTH: usize = 64;
 /// MongoDB document may pass 16 MiB.
 pub const MAX_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
 
-/// Whether a payload can be stored at all, whatever its type: integers within MongoDB's 64-bit signed range, a
-/// bounded depth and size. Checked for every event with handlers, before any of them runs.
+/// A field name may hold at most this many `.`-separated words: MongoDB refuses more (its manual, "Field Names
+/// with Periods").
+pub const MAX_FIELD_NAME_WORDS: usize = 254;
+
+/// Whether a payload can be stored at all, whatever its type, by MongoDB's documented rules for the documents the
+/// shipped handlers write: no field name with a NUL character at any depth (BSON writes names as C strings), at
+/// most [`MAX_FIELD_NAME_WORDS`] dotted words in a name, integers within 64-bit signed, a bounded depth and
+/// size. Names that are empty, `$`-prefixed or dotted are storable: MongoDB 5.0+ keeps them in stored documents and
+/// in a field replaced whole, and at the top level (where handlers would take them for update paths) the handlers
+/// keep them as values (`handlers::payload_fields`). Checked for every event with handlers, before any of them
+/// runs, so that either all of an event's handlers run or none does.
 pub fn check_storable(payload: &serde_json::Value) -> Result<(), String> {
     use serde_json::Value;
     // (value, depth) pairs still to visit; iterative so that no payload can exhaust the stack.
@@ -99,6 +108,7 @@ pub fn check_storable(payload: &serde_json::Value) -> Result<(), String> {
             Value::Object(map) => {
                 bytes += 5;
                 for (k, item) in map {
+                    check_field_name(k)?;
                     bytes += k.len() + 2;
                     todo.push((item, depth + 1));
                 }
@@ -111,6 +121,22 @@ pub fn check_storable(payload: &serde_json::Value) -> Result<(), String> {
                 MAX_PAYLOAD_BYTES / (1024 * 1024)
             ));
         }
+    }
+    Ok(())
+}
+
+fn check_field_name(k: &str) -> Result<(), String> {
+    if k.contains('\0') {
+        return Err(format!(
+            "payload field name {:?} holds a NUL character, which no BSON field name may",
+            k.escape_debug().to_string()
+        ));
+    }
+    if k.split('.').count() > MAX_FIELD_NAME_WORDS {
+        return Err(format!(
+            "payload field name of {} dotted words (MongoDB takes at most {MAX_FIELD_NAME_WORDS})",
+            k.split('.').count()
+        ));
     }
     Ok(())
 }
@@ -335,6 +361,23 @@ mod tests {
             nested = serde_json::json!({ "k": nested });
         }
         assert!(check_storable(&nested).is_ok());
+        // Field names: NUL at any depth and too many dotted words are refused; MongoDB's other awkward names are
+        // storable.
+        let dotted = vec!["w"; MAX_FIELD_NAME_WORDS + 1].join(".");
+        for bad in [
+            serde_json::json!({"a\0b": 1}),
+            serde_json::json!({"ok": [{"deep": {"\0": true}}]}),
+            serde_json::json!({ dotted: 1 }),
+        ] {
+            assert!(check_storable(&bad).is_err(), "{bad}");
+        }
+        let fine = vec!["w"; MAX_FIELD_NAME_WORDS].join(".");
+        for good in [
+            serde_json::json!({"$x": {"$date": "not a date", "a.b": 1, "": 2, "_id": 3}}),
+            serde_json::json!({ fine: "\0 in a value is fine" }),
+        ] {
+            assert!(check_storable(&good).is_ok(), "{good}");
+        }
     }
 
     #[test]

@@ -109,6 +109,8 @@ pub async fn replay_dead_letters(
         settings: ProcessingSettings::from_config(&config),
         cancel: shutdown.clone(),
         metrics: Default::default(),
+        health: Default::default(),
+        outages: Default::default(),
     };
     let group = format!(
         "{}.dlq-replay.{}",

@@ -8,7 +8,7 @@ use mongodb::bson::Document;
 use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
 use mongodb::event::EventHandler;
 use mongodb::event::command::CommandEvent;
-use mongodb::options::ClientOptions;
+use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, Database};
 
 /// Server error codes that mean "try again later": network, elections, shutdowns, time limits, write conflicts.
@@ -33,10 +33,34 @@ pub const TRANSIENT_CODES: &[i32] = &[
 /// E11000: an upsert whose filter missed found the `_id` already taken.
 pub const DUPLICATE_KEY: i32 = 11000;
 
+/// The write concern of every write an offset commit depends on, when `MONGODB_URI` names none (no `w`, `journal`
+/// or `wtimeoutMS`): acknowledged once a majority of the replica set has the write in its on-disk journal. A
+/// standalone server takes it as its own journal (MongoDB's "Acknowledgment Behavior"); a server that acknowledges
+/// a write before its journal has it can lose it in a crash, and an offset committed for a lost write is never
+/// redone (docs/RELIABILITY.md, "MongoDB killed under load").
+pub fn durable_write_concern() -> WriteConcern {
+    WriteConcern::builder()
+        .w(Acknowledgment::Majority)
+        .journal(true)
+        .build()
+}
+
+/// The write concern the daemon uses with these options: the URI's where it sets one, else
+/// [`durable_write_concern`].
+pub fn effective_write_concern(opts: &ClientOptions) -> WriteConcern {
+    match &opts.write_concern {
+        Some(wc) if wc.w.is_some() || wc.journal.is_some() || wc.w_timeout.is_some() => wc.clone(),
+        _ => durable_write_concern(),
+    }
+}
+
 /// Connects (lazily: the driver dials on first use) with short selection and connect timeouts so that an
-/// unreachable server surfaces as a transient error within seconds rather than minutes.
+/// unreachable server surfaces as a transient error within seconds rather than minutes. Every write carries the
+/// [`effective_write_concern`]: the client's own (find-and-modify, index builds) and the coalescing writer's
+/// commands, which take it from the database.
 pub async fn connect(uri: &str, app_name: &str) -> Result<Client, MongoError> {
     let mut opts = ClientOptions::parse(uri).await?;
+    opts.write_concern = Some(effective_write_concern(&opts));
     opts.app_name.get_or_insert_with(|| app_name.to_string());
     opts.server_selection_timeout
         .get_or_insert(Duration::from_secs(5));
@@ -157,6 +181,23 @@ mod tests {
         ))));
         assert!(is_transient(&io));
         assert!(classify(command_error(189)).is_transient());
+    }
+
+    #[tokio::test]
+    async fn writes_are_journaled_by_a_majority_unless_the_uri_says_otherwise() {
+        async fn wc(uri: &str) -> WriteConcern {
+            effective_write_concern(&ClientOptions::parse(uri).await.unwrap())
+        }
+        assert_eq!(wc("mongodb://h").await, durable_write_concern());
+        assert_eq!(
+            mongodb::bson::to_document(&durable_write_concern()).unwrap(),
+            mongodb::bson::doc! { "w": "majority", "j": true }
+        );
+        let own = wc("mongodb://h/?w=1&journal=false&wtimeoutMS=2500").await;
+        assert_eq!(own.w, Some(Acknowledgment::Nodes(1)));
+        assert_eq!(own.journal, Some(false));
+        assert_eq!(own.w_timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(wc("mongodb://h/?journal=true").await.journal, Some(true));
     }
 
     #[test]

@@ -25,9 +25,13 @@ pub enum WriteError {
     /// The command failed as a whole (network, server selection, not primary, ...).
     #[error(transparent)]
     Command(#[from] mongodb::error::Error),
-    /// The server rejected this statement (`writeErrors`) or its write concern (`writeConcernError`).
+    /// The server rejected this statement (`writeErrors`).
     #[error("write error {code}: {message}")]
     Statement { code: i32, message: String },
+    /// The server applied the command but could not confirm its write concern (`writeConcernError`): the write
+    /// may not survive a crash, so it does not count; the world, not the event, is at fault.
+    #[error("write concern not satisfied ({code}): {message}")]
+    Concern { code: i32, message: String },
     /// The writer is shutting down.
     #[error("the MongoDB writer stopped")]
     Closed,
@@ -98,13 +102,17 @@ impl Writer {
         };
         match &self.mode {
             Mode::Coalescing(tx) => tx.send(op).map_err(|_| WriteError::Closed)?,
-            Mode::Direct(db) => send(db, op.collection.clone(), vec![op]).await,
+            Mode::Direct(db) => {
+                let concern = write_concern_of(db);
+                send(db, concern.as_ref(), op.collection.clone(), vec![op]).await
+            }
         }
         rx.await.unwrap_or(Err(WriteError::Closed))
     }
 }
 
 async fn flusher(db: Database, mut rx: mpsc::UnboundedReceiver<Op>) {
+    let concern = write_concern_of(&db);
     let mut pending: Vec<Op> = Vec::new();
     loop {
         if pending.is_empty() {
@@ -141,7 +149,7 @@ async fn flusher(db: Database, mut rx: mpsc::UnboundedReceiver<Op>) {
         // CPU) does more per second that way, and a round is rarely more than two or three commands. A command in
         // flight per collection was measured slower on such a server (docs/BENCHMARKS.md, "A third, also left out").
         for (coll, ops) in commands {
-            send(&db, coll, ops).await;
+            send(&db, concern.as_ref(), coll, ops).await;
         }
     }
 }
@@ -151,7 +159,12 @@ async fn flusher(db: Database, mut rx: mpsc::UnboundedReceiver<Op>) {
 /// not everyone's: the command is split in halves and each half sent again, down to the statement that causes
 /// it, which alone gets the error. Statements are idempotent (guarded upserts), so sending one again is safe. A
 /// transient failure (network, not primary) is everyone's and answers all.
-async fn send(db: &Database, collection: String, mut ops: Vec<Op>) {
+async fn send(
+    db: &Database,
+    concern: Option<&RawDocumentBuf>,
+    collection: String,
+    mut ops: Vec<Op>,
+) {
     let started = Instant::now();
     let n = ops.len();
     let mut updates = RawArrayBuf::new();
@@ -162,6 +175,9 @@ async fn send(db: &Database, collection: String, mut ops: Vec<Op>) {
     command.append("update", collection.as_str());
     command.append("updates", updates);
     command.append("ordered", false);
+    if let Some(c) = concern {
+        command.append("writeConcern", c.clone());
+    }
     let result = db.run_raw_command(command).await;
     metrics::histogram!(crate::catalogue::WRITE_DURATION, "collection" => collection.clone())
         .record(started.elapsed().as_secs_f64());
@@ -172,8 +188,8 @@ async fn send(db: &Database, collection: String, mut ops: Vec<Op>) {
             metrics::counter!(crate::catalogue::COMMAND_SPLITS, "collection" => collection.clone())
                 .increment(1);
             let right = ops.split_off(n / 2);
-            Box::pin(send(db, collection.clone(), ops)).await;
-            Box::pin(send(db, collection, right)).await;
+            Box::pin(send(db, concern, collection.clone(), ops)).await;
+            Box::pin(send(db, concern, collection, right)).await;
             return;
         }
         Err(e) => {
@@ -198,7 +214,7 @@ async fn send(db: &Database, collection: String, mut ops: Vec<Op>) {
     let concern = reply
         .get_document("writeConcernError")
         .ok()
-        .map(|w| WriteError::Statement {
+        .map(|w| WriteError::Concern {
             code: bson_int(w.get("code")).unwrap_or(64) as i32,
             message: w.get_str("errmsg").unwrap_or_default().to_string(),
         });
@@ -210,6 +226,13 @@ async fn send(db: &Database, collection: String, mut ops: Vec<Op>) {
         };
         let _ = r.send(result);
     }
+}
+
+/// The database's write concern (the client's, see `store::connect`) as the `writeConcern` field of a command.
+/// Commands sent with `run_raw_command` carry only what they are given.
+fn write_concern_of(db: &Database) -> Option<RawDocumentBuf> {
+    let wc = db.write_concern()?;
+    mongodb::bson::to_raw_document_buf(wc).ok()
 }
 
 /// A number MongoDB returned, whichever BSON type it chose for it.

@@ -179,12 +179,12 @@ async fn hostile_records_between_good_ones_harm_none_of_them() {
         bad(
             "JSON null, no headers",
             Rec::new("k", "null"),
-            Some("decode.missing_event_type"),
+            Some("decode.format_mismatch"),
         ),
         bad(
             "JSON array",
             Rec::new("k", "[1,2]"),
-            Some("decode.unknown_shape"),
+            Some("decode.format_mismatch"),
         ),
         bad(
             "Kafka Connect Struct text",
@@ -235,6 +235,41 @@ async fn hostile_records_between_good_ones_harm_none_of_them() {
                 None,
             )
         },
+        Bad {
+            valid_signup: true,
+            ..bad(
+                "a sign-up whose payload holds Debezium's own fields (op u, after, source, schema, payload)",
+                user(
+                    &new_id(),
+                    &new_id(),
+                    &json!({"email": "op-u@example.com", "op": "u", "before": null, "after": {"op": "d"},
+                            "source": {"db": "x"}, "schema": {"type": "struct"}, "payload": "p", "ts_ms": 1}),
+                ),
+                None,
+            )
+        },
+        Bad {
+            valid_signup: true,
+            ..bad(
+                "MongoDB Extended JSON in a payload (stored as written, not as a date or a long)",
+                user(
+                    &new_id(),
+                    &new_id(),
+                    &json!({"email": "extjson@example.com", "when": {"$date": "not a date"},
+                            "n": {"$numberLong": "5"}, "id": {"$oid": "0123456789abcdef01234567"}}),
+                ),
+                None,
+            )
+        },
+        bad(
+            "a NUL character in a nested field name",
+            user(
+                &new_id(),
+                &new_id(),
+                &json!({"email": "nul@example.com", "profile": {"a\0b": 1}}),
+            ),
+            Some("invalid_payload"),
+        ),
         bad(
             "missing event id",
             raw_row(
@@ -258,7 +293,7 @@ async fn hostile_records_between_good_ones_harm_none_of_them() {
                 headers: vec![("eventType".into(), "UserCreated".into())],
                 ..Rec::new("\"agg\"", "\"{\\\"email\\\":\\\"a@b.c\\\"}\"")
             },
-            Some("decode.missing_event_id"),
+            Some("decode.format_mismatch"),
         ),
         bad(
             "created_at in year 58873",
@@ -572,11 +607,23 @@ fn captured_user() -> (String, String) {
     panic!("no UserCreated in raw_ts6_json")
 }
 
+/// Every placement, converter and column type captured from the real Debezium in one run, each variant's Event
+/// Router topics declared with the format its connector configuration gives: one document per row, whichever
+/// variants carried it. One of the rows is a sign-up whose payload holds Debezium's own field names (`op: "u"`,
+/// `after`, `schema`, `payload`, ...) and null members (which the Event Router's expansion drops): it is applied,
+/// and its copies through the other variants are the same event (one fingerprint), not conflicting duplicates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_placement_and_column_type_makes_the_same_documents() {
-    let env = TestEnv::new("placements", 6).await;
+    let mut env = TestEnv::new("placements", 6).await;
     let variants = [
         "raw_ts6_json",
+        "raw_json",
+        "raw_schema",
+        "router_json",
+        "router_schema",
+        "router_string",
+        "router_envelope",
+        "router_expanded",
         "router_envelope_header",
         "router_envelope_created",
         "router_envelope_schema",
@@ -590,11 +637,10 @@ async fn every_documented_placement_and_column_type_makes_the_same_documents() {
         "router_ts6_envelope",
         "router_ts6_header",
     ];
-    let records: Vec<Rec> = variants.iter().flat_map(|v| fixture(v)).collect();
-    env.produce(&records).await;
+    let produced = env.produce_fixtures(&variants).await;
     let failures: Failures = Default::default();
     let daemon = env.start_with(counted_shipped(&failures), &[("HANDLER_MAX_ATTEMPTS", "1")]);
-    wait_committed(&env, 6, records.len() as i64, WAIT).await;
+    wait_committed(&env, 6, produced as i64, WAIT).await;
     daemon.stop().await;
     assert!(
         failures.lock().unwrap().is_empty(),
@@ -625,12 +671,21 @@ async fn every_documented_placement_and_column_type_makes_the_same_documents() {
         (captured_at - created).abs() < 300_000,
         "created_at {created}, captured {captured_at}"
     );
+    // The sign-up whose payload holds Debezium's field names: applied from every variant, its fields as the
+    // application wrote them.
+    let envelope = env
+        .find_one("users", doc! { "email": "envelope@example.com" })
+        .await
+        .expect("the sign-up whose payload says op: u");
+    assert_eq!(envelope.get_str("op").unwrap(), "u");
+    assert_eq!(envelope.get_document("after").unwrap(), &doc! { "op": "d" });
+    assert_eq!(envelope.get_str("payload").unwrap(), "text");
     assert_eq!(
         env.count("users", doc! {}).await,
-        1,
-        "one user, however many variants carried it"
+        2,
+        "one user per row, however many variants carried it"
     );
-    assert_eq!(env.total_users().await, Some(1));
+    assert_eq!(env.total_users().await, Some(2));
     let activity = env
         .find_one("activities", doc! { "title": "Morning run" })
         .await
@@ -638,12 +693,17 @@ async fn every_documented_placement_and_column_type_makes_the_same_documents() {
     assert_eq!(activity.get_i32("participant_count").unwrap(), 1);
 
     // The events without payload: the sign-up is refused by its type's contract and dead-lettered, naming the
-    // event; the type nobody handles is skipped. The tombstone variant dead-letters nothing.
+    // event; the type nobody handles is skipped. The tombstone variant dead-letters nothing, and no copy of a row
+    // through another variant is a conflicting duplicate.
     let letters = env.dead_letters(2);
+    let classes: Vec<Option<String>> = letters
+        .iter()
+        .map(|m| header(m, "dlq.error.class"))
+        .collect();
     assert_eq!(
         letters.len(),
         2,
-        "the two null-payload sign-ups (router, raw)"
+        "the two null-payload sign-ups (router, raw), nothing else: {classes:?}"
     );
     for m in &letters {
         assert_eq!(
@@ -654,6 +714,84 @@ async fn every_documented_placement_and_column_type_makes_the_same_documents() {
         let id = header(m, "dlq.event.id").expect("event id on the letter");
         assert_ne!(id, user_event);
     }
+}
+
+/// A copy of an event re-emitted with a later creation time (a re-snapshot of an updated row, a replay by the
+/// application), raw or through the Event Router, dated or not: the first time the ledger recorded stands, the
+/// user's `created_at` does not move and the sign-up is counted once, on its first day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reemitted_event_with_a_later_creation_time_changes_nothing() {
+    let env = TestEnv::new("redated", 2).await;
+    let (event_id, user_id) = (new_id(), new_id());
+    let payload = json!({"email": "redated@example.com"});
+    let raw = |op: &str, created: &str| {
+        let row = json!({"event_id": event_id, "aggregate_id": user_id, "aggregate_type": "user",
+                         "event_type": "UserCreated", "payload": payload.to_string(), "created_at": created});
+        Rec::new(
+            &json!({"aggregate_id": user_id}).to_string(),
+            &json!({"before": null, "after": row, "op": op, "source": {"name": "x"}}).to_string(),
+        )
+    };
+    let routed = |created: Option<&str>| {
+        let mut headers = vec![
+            ("id".to_string(), event_id.clone()),
+            ("eventType".to_string(), "UserCreated".to_string()),
+        ];
+        if let Some(c) = created {
+            headers.push(("createdAt".to_string(), c.to_string()));
+        }
+        Rec {
+            headers,
+            ..Rec::new(
+                &json!(user_id).to_string(),
+                &json!(payload.to_string()).to_string(),
+            )
+        }
+    };
+    env.produce(&[raw("c", "2026-11-20T10:00:00.000001Z")])
+        .await;
+    let daemon = env.start(&[]);
+    wait_committed(&env, 2, 1, WAIT).await;
+    let before = env.snapshot().await;
+    // Later copies: a snapshot read of the row re-dated two days on, the same through the Event Router five days
+    // on, and an undated Event Router copy.
+    env.produce(&[
+        raw("r", "2026-11-22T10:00:00.000001Z"),
+        routed(Some("2026-11-25T10:00:00.000001Z")),
+        routed(None),
+    ])
+    .await;
+    wait_committed(&env, 2, 4, WAIT).await;
+    daemon.stop().await;
+    assert_eq!(
+        before,
+        env.snapshot().await,
+        "a re-dated copy moved the read models"
+    );
+    let user = env
+        .find_one("users", doc! { "_id": &user_id })
+        .await
+        .expect("user");
+    assert_eq!(
+        user.get_datetime("created_at")
+            .unwrap()
+            .try_to_rfc3339_string()
+            .unwrap(),
+        "2026-11-20T10:00:00Z"
+    );
+    assert_eq!(env.total_users().await, Some(1));
+    for (day, n) in [("2026-11-20", 1), ("2026-11-22", 0), ("2026-11-25", 0)] {
+        let daily = env
+            .find_one("user_statistics", doc! { "_id": format!("daily:{day}") })
+            .await;
+        let signups = daily.and_then(|d| {
+            d.get_i64("signups")
+                .ok()
+                .or(d.get_i32("signups").ok().map(i64::from))
+        });
+        assert_eq!(signups.unwrap_or(0), n, "sign-ups on {day}");
+    }
+    assert!(env.dead_letters(0).is_empty(), "no copy is refused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -686,7 +824,7 @@ async fn a_reemitted_event_without_creation_time_changes_nothing() {
     daemon.stop().await;
     let after = env.snapshot().await;
     assert_eq!(before, after, "a re-emission moved the read models");
-    assert_eq!(env.total_users().await, Some(1));
+    assert_eq!(env.total_users().await, Some(2));
     // The event's time is its first copy's Kafka timestamp.
     let (user_id, _) = captured_user();
     let user: Document = env
@@ -861,4 +999,167 @@ async fn replay_refetches_omitted_values_reports_lost_ones_and_ignores_forged_or
         "{applied:?}"
     );
     assert!(!applied.iter().any(|(id, _, _)| *id == lost), "{applied:?}");
+}
+
+/// Field names and values generated with the ones MongoDB refuses or treats specially among them (a NUL
+/// character, `$`-prefixed, dotted, empty, `_id`, a name of too many dotted words, Extended JSON), in sign-ups that
+/// are otherwise valid, through the shipped handlers on the real server: every handler of an event gets the same
+/// verdict. Refused (by the documented rules, an oracle written here) is one `invalid_payload` dead letter, no
+/// user and no count; accepted is a user whose fields are the payload's as written and a count, with no failed
+/// attempt anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_handler_of_an_event_gets_one_verdict_on_its_field_names() {
+    use proptest::prelude::*;
+    let long_dotted = vec!["w"; 300].join(".");
+    let key = prop_oneof![
+        4 => "[a-z]{1,6}",
+        2 => "\\$[a-z]{0,5}",
+        2 => "[a-z]{1,3}\\.[a-z]{1,3}",
+        1 => Just(String::new()),
+        1 => Just("_id".to_string()),
+        1 => Just("extra_fields".to_string()),
+        1 => "[a-z]{0,2}\u{0}[a-z]{0,2}",
+        1 => Just(long_dotted.clone()),
+        1 => "\\PC{1,4}",
+    ];
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        (-1e9f64..1e9).prop_map(|f| json!(f)),
+        "[a-z\u{0}]{0,6}".prop_map(Value::String),
+        Just(json!({"$date": "not a date"})),
+        Just(json!({"$numberLong": "5"})),
+    ];
+    let value = leaf.prop_recursive(3, 16, 4, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+            prop::collection::vec((key.clone(), inner), 0..4)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    });
+    let top_key = prop_oneof![
+        4 => "[a-z]{1,6}",
+        2 => "\\$[a-z]{0,5}",
+        2 => "[a-z]{1,3}\\.[a-z]{1,3}",
+        1 => Just(String::new()),
+        1 => Just("_id".to_string()),
+        1 => Just("extra_fields".to_string()),
+        1 => "[a-z]{0,2}\u{0}[a-z]{0,2}",
+    ];
+    let fields = prop::collection::vec((top_key, value), 1..5);
+    let mut runner = TestRunner::deterministic();
+    let n = 40;
+    let payloads: Vec<Value> = (0..n)
+        .map(|i| {
+            let mut obj = serde_json::Map::new();
+            for (k, v) in fields.new_tree(&mut runner).unwrap().current() {
+                if k != "email" {
+                    obj.insert(k, v);
+                }
+            }
+            obj.insert("email".into(), json!(format!("gen{i}@example.com")));
+            Value::Object(obj)
+        })
+        .collect();
+
+    /// The documented rules, independently of the daemon: a NUL in any field name, or a name of more than 254
+    /// dotted words, cannot be stored.
+    fn refused(v: &Value) -> bool {
+        match v {
+            Value::Object(m) => m
+                .iter()
+                .any(|(k, v)| k.contains('\0') || k.split('.').count() > 254 || refused(v)),
+            Value::Array(items) => items.iter().any(refused),
+            _ => false,
+        }
+    }
+    /// A JSON value as the application wrote it, in BSON.
+    fn as_written(v: &Value) -> mongodb::bson::Bson {
+        use mongodb::bson::Bson;
+        match v {
+            Value::Null => Bson::Null,
+            Value::Bool(b) => Bson::Boolean(*b),
+            Value::Number(n) => n
+                .as_i64()
+                .map_or_else(|| Bson::Double(n.as_f64().unwrap()), Bson::Int64),
+            Value::String(s) => Bson::String(s.clone()),
+            Value::Array(items) => Bson::Array(items.iter().map(as_written).collect()),
+            Value::Object(m) => {
+                let mut d = Document::new();
+                for (k, v) in m {
+                    d.insert(k.clone(), as_written(v));
+                }
+                Bson::Document(d)
+            }
+        }
+    }
+
+    let env = TestEnv::new("verdicts", 3).await;
+    let events: Vec<(String, String, &Value)> =
+        payloads.iter().map(|p| (new_id(), new_id(), p)).collect();
+    let records: Vec<Rec> = events.iter().map(|(e, a, p)| user(e, a, p)).collect();
+    env.produce(&records).await;
+    let failures: Failures = Default::default();
+    let daemon = env.start_with(counted_shipped(&failures), &[("HANDLER_MAX_ATTEMPTS", "2")]);
+    wait_committed(&env, 3, records.len() as i64, WAIT).await;
+    daemon.stop().await;
+    assert!(
+        failures.lock().unwrap().is_empty(),
+        "a handler failed where the verdict should have been made for all: {:?}",
+        failures.lock().unwrap()
+    );
+    let expected_refusals = payloads.iter().filter(|p| refused(p)).count();
+    assert!(
+        expected_refusals > 0 && expected_refusals < n,
+        "the generated mix holds both verdicts ({expected_refusals} of {n} refused)"
+    );
+    let letters = env.dead_letters(expected_refusals);
+    let refused_ids: Vec<String> = letters
+        .iter()
+        .inspect(|m| {
+            assert_eq!(
+                header(m, "dlq.error.class").as_deref(),
+                Some("invalid_payload")
+            )
+        })
+        .filter_map(|m| header(m, "dlq.event.id"))
+        .collect();
+    let mut accepted = 0;
+    for (event_id, user_id, payload) in &events {
+        // Read as the raw BSON stored: deserializing into a `Document` would read `{"$numberLong": ...}` as a long.
+        let doc = env
+            .db
+            .collection::<mongodb::bson::RawDocumentBuf>("users")
+            .find_one(doc! { "_id": user_id })
+            .await
+            .unwrap()
+            .map(|raw| raw.to_document().unwrap());
+        if refused(payload) {
+            assert!(refused_ids.contains(event_id), "{payload} not refused");
+            assert!(doc.is_none(), "{payload} refused yet stored");
+            continue;
+        }
+        accepted += 1;
+        assert!(!refused_ids.contains(event_id), "{payload} refused");
+        let doc = doc.unwrap_or_else(|| panic!("{payload} accepted but not stored"));
+        let awkward = |k: &str| k.is_empty() || k.starts_with('$') || k.contains('.') || k == "_id";
+        let object = payload.as_object().unwrap();
+        // Names that cannot be update paths are kept as values, with the payload's own `extra_fields` beside them.
+        let any_awkward = object.keys().any(|k| awkward(k));
+        let extra = doc.get_array("extra_fields").ok();
+        for (k, v) in object {
+            let kept = match extra {
+                Some(list) if awkward(k) || (any_awkward && k == "extra_fields") => list
+                    .iter()
+                    .filter_map(|e| e.as_document())
+                    .find(|e| e.get_str("key") == Ok(k.as_str()))
+                    .and_then(|e| e.get("value").cloned()),
+                _ => doc.get(k).cloned(),
+            };
+            assert_eq!(kept, Some(as_written(v)), "field {k:?} of {payload}");
+        }
+    }
+    assert_eq!(env.total_users().await, Some(accepted));
+    assert_eq!(letters.len(), expected_refusals);
 }

@@ -89,13 +89,17 @@ pub fn required<'a>(
 }
 
 /// The payload's fields as a `$set` document. Unknown fields are kept; names MongoDB cannot take as an update
-/// path (empty, `$`-prefixed, dotted, `_id`) are kept under `extra_fields` as key/value pairs instead.
+/// path (empty, `$`-prefixed, dotted, `_id`) are kept under `extra_fields` as key/value pairs instead (with the
+/// payload's own `extra_fields`, if it has one, so that nothing is overwritten). Each value replaces its field
+/// whole, which MongoDB allows whatever names the value nests (docs/RELIABILITY.md, "Hostile input").
 pub fn payload_fields(payload: &Map<String, Value>) -> Result<Document, HandlerError> {
+    let awkward = |k: &str| k.is_empty() || k.starts_with('$') || k.contains('.') || k == "_id";
+    let any_awkward = payload.keys().any(|k| awkward(k));
     let mut set = Document::new();
     let mut extra = Vec::new();
     for (k, v) in payload {
         let value = to_bson(v)?;
-        if k.is_empty() || k.starts_with('$') || k.contains('.') || k == "_id" {
+        if awkward(k) || (any_awkward && k == "extra_fields") {
             extra.push(Bson::Document(doc! { "key": k, "value": value }));
         } else {
             set.insert(k, value);
@@ -107,8 +111,33 @@ pub fn payload_fields(payload: &Map<String, Value>) -> Result<Document, HandlerE
     Ok(set)
 }
 
+/// A payload value as BSON, exactly as the application wrote it: objects stay documents with the same field
+/// names (MongoDB Extended JSON such as `{"$date": ...}` or `{"$numberLong": ...}` is not interpreted: it is
+/// the application's data), integers are 64-bit, other numbers doubles. An integer beyond 64-bit signed is refused;
+/// the payload contract refuses it before any handler runs (`registry::check_storable`).
 pub fn to_bson(v: &Value) -> Result<Bson, HandlerError> {
-    mongodb::bson::to_bson(v).map_err(|e| HandlerError::invalid(format!("payload value: {e}")))
+    Ok(match v {
+        Value::Null => Bson::Null,
+        Value::Bool(b) => Bson::Boolean(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Bson::Int64(i),
+            (None, Some(f)) if !n.is_u64() => Bson::Double(f),
+            _ => {
+                return Err(HandlerError::invalid(format!(
+                    "payload number {n} is beyond MongoDB's 64-bit signed integers"
+                )));
+            }
+        },
+        Value::String(s) => Bson::String(s.clone()),
+        Value::Array(items) => Bson::Array(items.iter().map(to_bson).collect::<Result<_, _>>()?),
+        Value::Object(map) => {
+            let mut d = Document::new();
+            for (k, v) in map {
+                d.insert(k.clone(), to_bson(v)?);
+            }
+            Bson::Document(d)
+        }
+    })
 }
 
 /// When the event happened, as a BSON date: the state-ordering guards compare it.

@@ -10,9 +10,28 @@ use super::Kafka;
 use super::context::GroupContext;
 use crate::config::Config;
 
-/// Builds and subscribes the consumer.
-pub(crate) fn create_consumer(config: &Config, context: GroupContext) -> KafkaResult<Kafka> {
-    let consumer: Kafka = consumer_config(config).create_with_context(context)?;
+/// Builds and subscribes the consumer. Its group instance id, when `auto`, is claimed here: the context keeps
+/// the claim (a held lock file) for as long as the consumer lives.
+pub(crate) fn create_consumer(config: &Config, mut context: GroupContext) -> KafkaResult<Kafka> {
+    let mut cc = consumer_config(config);
+    match config.kafka_group_instance_id.trim() {
+        "" | "none" => {}
+        "auto" => match InstanceSlot::claim(&config.kafka_group_id) {
+            Ok(slot) => {
+                cc.set("group.instance.id", slot.id());
+                tracing::info!(group_instance_id = %slot.id(), "Static group membership: a restart of this process rejoins as this member");
+                context.instance_slot = Some(slot);
+            }
+            Err(e) => tracing::warn!(error = %e,
+                "No group instance id could be claimed on this host; joining without static membership (a restart rebalances the group)"),
+        },
+        id => {
+            // `{hostname}` makes one setting serve every replica: a container keeps its host name when it is
+            // restarted in place, so it rejoins as the same member and takes its partitions back.
+            cc.set("group.instance.id", id.replace("{hostname}", &hostname()));
+        }
+    }
+    let consumer: Kafka = cc.create_with_context(context)?;
     let topics = config.topics();
     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&refs)?;
@@ -34,20 +53,25 @@ pub fn client_config(config: &Config) -> ClientConfig {
 /// guarantee needs, then defaults those variables did not set.
 fn consumer_config(config: &Config) -> ClientConfig {
     let mut cc = client_config(config);
+    let classic = config.kafka_group_protocol == "classic";
     cc.set("group.id", &config.kafka_group_id)
+        .set("group.protocol", &config.kafka_group_protocol)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", &config.kafka_auto_offset_reset)
         .set(
-            "session.timeout.ms",
-            config.kafka_session_timeout_ms.to_string(),
-        )
-        .set(
             "max.poll.interval.ms",
             config.kafka_max_poll_interval_ms.to_string(),
         )
         .set("topic.metadata.refresh.interval.ms", "10000");
+    if classic {
+        // With the `consumer` protocol the session timeout is the broker's, and librdkafka refuses one set here.
+        cc.set(
+            "session.timeout.ms",
+            config.kafka_session_timeout_ms.to_string(),
+        );
+    }
     // Defaults a `KAFKA_PROPERTY_*` variable may override. librdkafka fetches ahead up to `queued.min.messages`
     // records per partition (100,000 by default) or `queued.max.messages.kbytes` in all (64 MiB) and, once over
     // either, waits `fetch.queue.backoff.ms` (1 s by default) before fetching that partition again: a consumer
@@ -63,18 +87,12 @@ fn consumer_config(config: &Config) -> ClientConfig {
         ("queued.min.messages", "3000"),
         ("fetch.queue.backoff.ms", "20"),
     ] {
-        if !config.kafka_properties.contains_key(key) {
+        // The `consumer` protocol assigns on the broker (`group.remote.assignor`); librdkafka refuses a strategy.
+        if (classic || key != "partition.assignment.strategy")
+            && !config.kafka_properties.contains_key(key)
+        {
             cc.set(key, value);
         }
-    }
-    if let Some(id) = config
-        .kafka_group_instance_id
-        .as_deref()
-        .filter(|s| !s.is_empty())
-    {
-        // `{hostname}` makes one setting serve every replica: a container keeps its host name when it is
-        // restarted in place, so it rejoins as the same member and takes its partitions back without a rebalance.
-        cc.set("group.instance.id", id.replace("{hostname}", &hostname()));
     }
     // librdkafka's `debug` contexts (`KAFKA_PROPERTY_DEBUG=cgrp,...`) log at debug level: let them through.
     cc.set_log_level(if config.kafka_properties.contains_key("debug") {
@@ -83,6 +101,60 @@ fn consumer_config(config: &Config) -> ClientConfig {
         RDKafkaLogLevel::Warning
     });
     cc
+}
+
+/// A claimed static-membership slot of this host: the lowest `n` whose lock file
+/// (`<temp dir>/event-processor-<group>.slot-<n>.lock`) no running process of the group holds. The lock is the
+/// operating system's (released when the process ends, however it ends), so a process restarted after a crash
+/// gets the slot, and the member id, it had, while processes running side by side get their own.
+pub(crate) struct InstanceSlot {
+    id: String,
+    _lock: std::fs::File,
+}
+
+/// Slots tried on one host before giving up on static membership.
+const MAX_SLOTS: usize = 256;
+
+impl InstanceSlot {
+    fn claim(group: &str) -> std::io::Result<InstanceSlot> {
+        let safe: String = group
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let dir = std::env::temp_dir();
+        for n in 0..MAX_SLOTS {
+            let path = dir.join(format!("event-processor-{safe}.slot-{n}.lock"));
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)?;
+            match file.try_lock() {
+                Ok(()) => {
+                    return Ok(InstanceSlot {
+                        id: format!("event-processor-{}-{n}", hostname()),
+                        _lock: file,
+                    });
+                }
+                Err(std::fs::TryLockError::WouldBlock) => continue,
+                Err(std::fs::TryLockError::Error(e)) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "all {MAX_SLOTS} slots of {} are taken",
+            dir.display()
+        )))
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
 }
 
 pub fn hostname() -> String {
@@ -133,6 +205,35 @@ mod tests {
         assert_eq!(cc.get("fetch.queue.backoff.ms"), Some("250"));
         assert_eq!(cc.get("queued.min.messages"), Some("500"));
         assert_eq!(cc.get("partition.assignment.strategy"), Some("range"));
+    }
+
+    #[test]
+    fn processes_side_by_side_get_their_own_slot_and_a_restart_gets_the_freed_one() {
+        let group = format!("slot-test-{}", std::process::id());
+        let a = InstanceSlot::claim(&group).unwrap();
+        let b = InstanceSlot::claim(&group).unwrap();
+        assert_ne!(a.id(), b.id());
+        assert!(
+            a.id().ends_with("-0") && b.id().ends_with("-1"),
+            "{} {}",
+            a.id(),
+            b.id()
+        );
+        let first = a.id().to_string();
+        drop(a);
+        let again = InstanceSlot::claim(&group).unwrap();
+        assert_eq!(again.id(), first, "the slot of the process that ended");
+    }
+
+    #[test]
+    fn the_consumer_protocol_leaves_session_and_assignment_to_the_broker() {
+        let cc = consumer_config(&config(&[("KAFKA_GROUP_PROTOCOL", "consumer")]));
+        assert_eq!(cc.get("group.protocol"), Some("consumer"));
+        assert_eq!(cc.get("session.timeout.ms"), None);
+        assert_eq!(cc.get("partition.assignment.strategy"), None);
+        let cc = consumer_config(&config(&[]));
+        assert_eq!(cc.get("group.protocol"), Some("classic"));
+        assert_eq!(cc.get("session.timeout.ms"), Some("45000"));
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub(crate) struct GroupContext {
     pub out_of_group: CancellationToken,
     /// How long a subscribed topic has been missing.
     pub missing_topics: Mutex<MissingTopic>,
+    /// The claimed group instance id (`KAFKA_GROUP_INSTANCE_ID=auto`), held as long as the consumer lives.
+    pub instance_slot: Option<super::client::InstanceSlot>,
 }
 
 /// A subscribed topic that does not exist is normal at first: a new deployment's connector creates its topic

@@ -140,6 +140,7 @@ pub async fn run(
         rejoin: Mutex::new(super::RejoinWatch::new(config.kafka_rejoin_timeout_ms)),
         out_of_group: out_of_group.clone(),
         missing_topics: Default::default(),
+        instance_slot: None,
     };
     let consumer = Arc::new(client::create_consumer(config, context).map_err(|e| {
         anyhow::anyhow!("creating the Kafka consumer (KAFKA_BOOTSTRAP_SERVERS, KAFKA_TOPICS): {e}")
@@ -171,6 +172,8 @@ pub async fn run(
         last_commit: Instant::now(),
         commit: None,
         last_stats: Instant::now(),
+        stalled: Vec::new(),
+        confirm_after: None,
     };
     let result = lp.run().await;
     lp.commit_final().await;
@@ -182,10 +185,10 @@ pub async fn run(
         "event-processor stopped"
     );
     // Closing the channel first frees a poller waiting in a revoke; a revoke from here on (the consumer
-    // closing) commits what the tracker has, as the loop is gone.
+    // leaving) commits what the tracker has not committed, as the loop is gone.
     drop(lp);
-    stop_polling.cancel();
     if out_of_group.is_cancelled() {
+        stop_polling.cancel();
         // Closing a consumer stuck outside its group can wait for good (for the commit it never got an answer
         // to): leave it, and the poller, to the process's exit.
         std::mem::forget(consumer);
@@ -193,16 +196,44 @@ pub async fn run(
             "the Kafka consumer did not get back into its group within KAFKA_REJOIN_TIMEOUT_MS"
         );
     }
+    leave_group(&consumer).await;
+    stop_polling.cancel();
     tokio::task::spawn_blocking(move || {
         let _ = poller.join();
         if let Ok(c) = Arc::try_unwrap(consumer) {
-            c.unsubscribe();
-            drop(c); // closes the consumer: leaves the group
+            drop(c); // closes the consumer
         }
     })
     .await
     .ok();
     result
+}
+
+/// How long a clean shutdown waits for the group to take the partitions back.
+const LEAVE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Leaves the group while the poller still drives the consumer, so that the partitions move to the other
+/// members at once. librdkafka sends a static member's leave (`group.instance.id`, classic protocol) only for an
+/// unsubscribe completed while the consumer runs, not when it is closed: closed without it, a static member's
+/// partitions would wait out its session timeout. A restart after a crash never gets here, and rejoins as the same
+/// member instead.
+async fn leave_group(consumer: &Arc<Kafka>) {
+    consumer.unsubscribe();
+    let deadline = tokio::time::Instant::now() + LEAVE_WITHIN;
+    while tokio::time::Instant::now() < deadline {
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        if assigned == 0 {
+            // The leave request goes out right after the partitions are given up: let it.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            info!("Left the consumer group");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    warn!(
+        waited_ms = LEAVE_WITHIN.as_millis() as u64,
+        "The group did not take the partitions back in time; closing anyway"
+    );
 }
 
 /// Starts the poller thread: it drives the consumer (so librdkafka's callbacks run on it) and sends the loop,
@@ -246,12 +277,17 @@ fn spawn_poller(
                             _ => break,
                         }
                     }
+                    // Once the loop is gone (shutdown), records are let go (uncommitted, their next owner reads
+                    // them) and the poller drives the consumer on until `stop`: leaving the group takes polls.
                     let records = handoff.take_pending();
-                    if !records.is_empty() && !handoff.send(Polled::Records(records), &stop).await {
+                    if !records.is_empty()
+                        && !handoff.send(Polled::Records(records), &stop).await
+                        && stop.is_cancelled()
+                    {
                         return;
                     }
                     if let Some(e) = error {
-                        if !handoff.send(Polled::Error(e), &stop).await {
+                        if !handoff.send(Polled::Error(e), &stop).await && stop.is_cancelled() {
                             return;
                         }
                         std::thread::sleep(AFTER_ERROR);
@@ -282,6 +318,11 @@ struct Loop<'a> {
     /// The commit sent and not answered yet: one at a time, so they land in order.
     commit: Option<PendingCommit>,
     last_stats: Instant,
+    /// The partitions reported stalled, with the offset that holds each.
+    stalled: Vec<(Tp, i64)>,
+    /// Set when the lanes were held after a gap (`lanes::away`): a commit sent after it and accepted confirms the
+    /// assignment and releases them.
+    confirm_after: Option<Instant>,
 }
 
 impl Loop<'_> {
@@ -336,8 +377,13 @@ impl Loop<'_> {
                     self.take(p, &mut batch, full).await?;
                 }
                 _ = self.lanes.progressed() => self.commit_if_due().await,
+                _ = self.lanes.away_noticed() => {
+                    self.confirm_after = Some(Instant::now());
+                    self.commit_finished().await;
+                }
                 _ = &mut tick => {
                     self.commit_finished().await;
+                    self.check_stalls();
                     self.periodic_stats();
                     tick.as_mut().reset(tokio::time::Instant::now() + COMMIT_INTERVAL);
                 }
@@ -526,7 +572,20 @@ impl Loop<'_> {
         if !self.commit_answered().await {
             return;
         }
-        let offsets = crate::lock(&self.tracker).committable();
+        let offsets = if self.confirm_after.is_some() {
+            // Every partition with records taken in, committed or not: the coordinator accepts the commit only
+            // from a member of the current generation, which confirms the assignment after a gap.
+            let positions = crate::lock(&self.tracker).positions();
+            if positions.is_empty() {
+                // Nothing taken in is waiting: nothing can run for a partition that is not ours.
+                self.confirm_after = None;
+                self.lanes.release();
+                return;
+            }
+            positions
+        } else {
+            crate::lock(&self.tracker).committable()
+        };
         if offsets.is_empty() {
             return;
         }
@@ -559,6 +618,10 @@ impl Loop<'_> {
                 debug!(offsets = ?c.offsets, "Offsets committed");
                 crate::lock(&self.tracker).committed(&c.offsets);
                 self.health.commit_result(true);
+                if self.confirm_after.is_some_and(|t| c.sent >= t) {
+                    self.confirm_after = None;
+                    self.lanes.release();
+                }
             }
             Err(e) => {
                 // Not fatal: the records are finished; the next commit sends their offsets again (or the next
@@ -591,11 +654,61 @@ impl Loop<'_> {
                 Ok(Err(_)) | Err(_) => Err(KafkaError::Canceled),
             };
         match result {
-            Ok(()) => info!(?offsets, "Final commit done"),
+            Ok(()) => {
+                // Closing the consumer revokes its partitions: what is committed here is not committed again.
+                crate::lock(&self.tracker).committed(&offsets);
+                info!(?offsets, "Final commit done")
+            }
             Err(e) => {
                 error!(error = %e, ?offsets, "Final commit failed; the next owner redoes these records")
             }
         }
+    }
+
+    /// Reports partitions whose oldest waiting record has held their commit past `PARTITION_STALL_TIMEOUT_MS`:
+    /// not ready while any does, one ERROR when one starts, one INFO when it moves again.
+    fn check_stalls(&mut self) {
+        let bound = Duration::from_millis(self.config.partition_stall_timeout_ms);
+        let now_stalled = crate::lock(&self.tracker).stalled(bound, Instant::now());
+        let held: Vec<(Tp, i64)> = now_stalled
+            .iter()
+            .map(|(tp, o, _)| (tp.clone(), *o))
+            .collect();
+        if held == self.stalled {
+            if !now_stalled.is_empty() {
+                self.health.set_stalled(stalled_list(&now_stalled));
+            }
+            return;
+        }
+        for ((topic, partition), offset, waited) in &now_stalled {
+            if !self
+                .stalled
+                .iter()
+                .any(|(tp, o)| tp.0 == *topic && tp.1 == *partition && o == offset)
+            {
+                error!(
+                    topic,
+                    partition,
+                    offset,
+                    waited_s = waited.as_secs(),
+                    "A partition's commit has been held by this record past PARTITION_STALL_TIMEOUT_MS; not ready \
+                     until it moves (the record's own log lines say why it waits)"
+                );
+            }
+        }
+        for ((topic, partition), offset) in &self.stalled {
+            if !held
+                .iter()
+                .any(|(tp, _)| tp.0 == *topic && tp.1 == *partition)
+            {
+                info!(
+                    topic,
+                    partition, offset, "The stalled partition moves again"
+                );
+            }
+        }
+        self.health.set_stalled(stalled_list(&now_stalled));
+        self.stalled = held;
     }
 
     fn periodic_stats(&mut self) {
@@ -612,6 +725,20 @@ impl Loop<'_> {
             );
         }
     }
+}
+
+fn stalled_list(stalled: &[(Tp, i64, Duration)]) -> Vec<crate::health::StalledPartition> {
+    stalled
+        .iter()
+        .map(
+            |((topic, partition), offset, waited)| crate::health::StalledPartition {
+                topic: topic.clone(),
+                partition: *partition,
+                offset: *offset,
+                waiting_s: waited.as_secs(),
+            },
+        )
+        .collect()
 }
 
 fn recv_error(e: KafkaError) {

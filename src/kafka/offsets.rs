@@ -21,6 +21,8 @@ struct PartitionState {
     next: Option<i64>,
     /// The next offset last committed.
     committed: Option<i64>,
+    /// The partition's first unfinished offset when last looked at, and since when it has been the first.
+    first_unfinished_since: Option<(i64, std::time::Instant)>,
 }
 
 impl PartitionState {
@@ -200,6 +202,40 @@ impl OffsetTracker {
         out
     }
 
+    /// Partitions whose first unfinished record has been their first for `bound` or longer (their commit cannot
+    /// move, whatever holds the record up): each with that record's offset and how long it has held the partition.
+    pub fn stalled(
+        &mut self,
+        bound: std::time::Duration,
+        now: std::time::Instant,
+    ) -> Vec<(Tp, i64, std::time::Duration)> {
+        let mut out = Vec::new();
+        for (tp, p) in self.all_mut() {
+            let first = p
+                .pending
+                .iter()
+                .find(|(_, done, _)| !*done)
+                .map(|(o, _, _)| *o);
+            let Some(first) = first else {
+                p.first_unfinished_since = None;
+                continue;
+            };
+            let since = match p.first_unfinished_since {
+                Some((o, since)) if o == first => since,
+                _ => {
+                    p.first_unfinished_since = Some((first, now));
+                    now
+                }
+            };
+            let waited = now.saturating_duration_since(since);
+            if waited >= bound {
+                out.push((tp, first, waited));
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// For the consumer's lag in seconds: the Kafka timestamp (ms) of the partition's oldest record taken in and
     /// not finished (`None` when none is in flight).
     pub fn oldest_unfinished_timestamp(&self, topic: &str, partition: i32) -> Option<i64> {
@@ -232,6 +268,30 @@ mod tests {
     /// The current generation of partition `p` of topic `t`.
     fn generation_of(t: &OffsetTracker, p: i32) -> u64 {
         t.get("t", p).map_or(0, |s| s.generation)
+    }
+
+    #[test]
+    fn a_partition_is_stalled_once_its_first_unfinished_record_has_held_it_for_the_bound() {
+        use std::time::{Duration, Instant};
+        let mut t = OffsetTracker::new();
+        let t0 = Instant::now();
+        let bound = Duration::from_secs(60);
+        for o in 0..3 {
+            t.track("t", 0, o);
+        }
+        t.track("t", 1, 0);
+        let g = generation_of(&t, 0);
+        assert!(t.stalled(bound, t0).is_empty());
+        // Offset 0 holds partition 0 for the bound; partition 1's record finishes.
+        t.finish("t", 1, 0, generation_of(&t, 1));
+        t.finish("t", 0, 1, g);
+        assert_eq!(t.stalled(bound, t0 + bound), vec![(tp(0), 0, bound)]);
+        // It finishes: offset 1 is done too, offset 2 is the first unfinished now, from now on.
+        t.finish("t", 0, 0, g);
+        assert!(t.stalled(bound, t0 + bound).is_empty());
+        assert_eq!(t.stalled(bound, t0 + bound * 2), vec![(tp(0), 2, bound)]);
+        t.finish("t", 0, 2, g);
+        assert!(t.stalled(bound, t0 + bound * 9).is_empty());
     }
 
     #[test]

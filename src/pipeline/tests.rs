@@ -148,9 +148,13 @@ pub(crate) fn processor(handlers: Vec<Arc<TestHandler>>, sink: Arc<Sink>) -> Pro
             // These tests have no MongoDB: the ledger is tested against a real server (tests/daemon.rs).
             ledger: false,
             dead_letter_topic: "dlq".into(),
+            formats: Default::default(),
+            away_threshold: Duration::from_secs(3),
         },
         cancel: CancellationToken::new(),
         metrics: Default::default(),
+        health: Default::default(),
+        outages: Default::default(),
     }
 }
 
@@ -317,7 +321,12 @@ async fn a_failing_handler_is_logged_with_its_record_and_so_are_its_later_attemp
             .unwrap_or_else(|| panic!("no line {message:?} in {lines:#?}"))
             .clone()
     };
-    let failed = find("Handler failed transiently; retrying", None);
+    // The first transient failure of an outage is one WARN line, in the record's span.
+    let failed = find(
+        "Unavailable: records that need it wait and are retried (a summary every 30 s while it lasts)",
+        None,
+    );
+    assert_eq!(failed["dependency"], "handler flaky", "{failed}");
     assert_eq!(failed["span"]["topic"], "t", "{failed}");
     assert_eq!(failed["span"]["partition"], 0, "{failed}");
     assert_eq!(failed["span"]["offset"], 7, "{failed}");
@@ -400,6 +409,8 @@ fn backoff_is_capped_and_jittered() {
         max_backoff: Duration::from_secs(2),
         ledger: false,
         dead_letter_topic: "dlq".into(),
+        formats: Default::default(),
+        away_threshold: Duration::from_secs(3),
     };
     for attempt in 1..40 {
         let d = backoff(&s, attempt);

@@ -137,6 +137,11 @@ pub struct TestEnv {
     pub dlq: String,
     pub db_name: String,
     pub db: Database,
+    /// Partitions of the test's topics.
+    pub partitions: i32,
+    /// Topics besides `topic` that the daemon subscribes to, each with its declared record format
+    /// (`RECORD_FORMATS`): made by [`TestEnv::produce_fixtures`] for Event Router output.
+    pub declared: Vec<(String, String)>,
 }
 
 impl TestEnv {
@@ -158,6 +163,8 @@ impl TestEnv {
             db_name,
             topic,
             dlq,
+            partitions,
+            declared: Vec::new(),
         }
     }
 
@@ -171,16 +178,67 @@ impl TestEnv {
             dlq: self.dlq.clone(),
             db_name: self.db_name.clone(),
             db: self.db.clone(),
+            partitions: self.partitions,
+            declared: self.declared.clone(),
         }
+    }
+
+    /// Every topic the daemon of this test subscribes to.
+    pub fn topics(&self) -> Vec<String> {
+        std::iter::once(self.topic.clone())
+            .chain(self.declared.iter().map(|(t, _)| t.clone()))
+            .collect()
+    }
+
+    /// Produces fixture variants as their connectors put them in Kafka: the records of the Event Router's topics
+    /// (`*.event.*`) to a topic declared with the format the variant's connector configuration gives
+    /// ([`fixture_format`]), one topic per format; every other record (raw change events, logical messages,
+    /// transaction metadata, heartbeats) to the test's topic, read under the default format. Returns how many
+    /// records were produced.
+    pub async fn produce_fixtures(&mut self, variants: &[&str]) -> usize {
+        let mut by_topic: Vec<(String, Vec<Rec>)> = vec![(self.topic.clone(), Vec::new())];
+        for variant in variants {
+            let format = fixture_format(variant);
+            for (fixture_topic, rec) in fixture_with_topics(variant) {
+                let topic = if fixture_topic.contains(".event.") {
+                    let name = format!("{}.{}", self.topic, format.replace('+', "_"));
+                    if !self.declared.iter().any(|(t, _)| *t == name) {
+                        create_topics(&self.kafka, &[(&name, self.partitions)]).await;
+                        self.declared.push((name.clone(), format.clone()));
+                    }
+                    name
+                } else {
+                    self.topic.clone()
+                };
+                match by_topic.iter_mut().find(|(t, _)| *t == topic) {
+                    Some((_, recs)) => recs.push(rec),
+                    None => by_topic.push((topic, vec![rec])),
+                }
+            }
+        }
+        let mut n = 0;
+        for (topic, recs) in &by_topic {
+            produce(&self.kafka, topic, recs).await;
+            n += recs.len();
+        }
+        n
     }
 
     /// The daemon's configuration for this test, with overrides.
     pub fn config(&self, overrides: &[(&str, &str)]) -> Config {
+        let topics = self.topics().join(",");
+        let formats = self
+            .declared
+            .iter()
+            .map(|(t, f)| format!("{t}={f}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut vars: Vec<(String, String)> = vec![
             ("KAFKA_BOOTSTRAP_SERVERS", self.kafka.as_str()),
             ("MONGODB_URI", self.mongo_uri.as_str()),
             ("MONGODB_DATABASE", self.db_name.as_str()),
-            ("KAFKA_TOPICS", self.topic.as_str()),
+            ("KAFKA_TOPICS", topics.as_str()),
+            ("RECORD_FORMATS", formats.as_str()),
             ("KAFKA_GROUP_ID", self.group.as_str()),
             ("DLQ_TOPIC", self.dlq.as_str()),
             ("HTTP_PORT", "0"),
@@ -367,6 +425,47 @@ pub fn fixture(variant: &str) -> Vec<Rec> {
             timestamp: r["timestamp"].as_i64(),
         })
         .collect()
+}
+
+/// The records of a fixture variant with the topic each was captured from (`PREFIX.<...>`).
+pub fn fixture_with_topics(variant: &str) -> Vec<(String, Rec)> {
+    let path = format!(
+        "{}/src/decode/fixtures/{variant}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let topics = doc["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["topic"].as_str().unwrap().to_string());
+    topics.zip(fixture(variant)).collect()
+}
+
+/// The record format (`RECORD_FORMATS`) of a fixture variant's Event Router topics, from the connector
+/// configuration it was captured with (the shipped file its name starts with, plus its overrides), as
+/// `event_processor::decode::Format::for_connector` reads a user's connector.
+pub fn fixture_format(variant: &str) -> String {
+    let file = if variant.starts_with("router") {
+        "outbox-router-connector.json"
+    } else {
+        "postgres-connector.json"
+    };
+    let read = |path: String| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let shipped = read(format!("{}/debezium/{file}", env!("CARGO_MANIFEST_DIR")));
+    let mut config = shipped["config"].as_object().unwrap().clone();
+    let captured = read(format!(
+        "{}/src/decode/fixtures/{variant}.json",
+        env!("CARGO_MANIFEST_DIR")
+    ));
+    for kv in captured["connector_overrides"].as_array().unwrap() {
+        let (k, v) = kv.as_str().unwrap().split_once('=').unwrap();
+        config.insert(k.into(), v.into());
+    }
+    event_processor::decode::Format::for_connector(&config).to_string()
 }
 
 /// A raw Debezium change event (JsonConverter, no schemas) for an outbox row, as the shipped connector emits.
@@ -647,11 +746,15 @@ pub async fn wait_committed(env: &TestEnv, partitions: i32, total: i64, stalled:
     let started = Instant::now();
     let (mut last_sum, mut last_move) = (i64::MIN, Instant::now());
     loop {
-        let (kafka, group, topic) = (env.kafka.clone(), env.group.clone(), env.topic.clone());
-        let offsets =
-            tokio::task::spawn_blocking(move || committed(&kafka, &group, &topic, partitions))
-                .await
-                .unwrap();
+        let (kafka, group, topics) = (env.kafka.clone(), env.group.clone(), env.topics());
+        let offsets = tokio::task::spawn_blocking(move || {
+            topics
+                .iter()
+                .flat_map(|t| committed(&kafka, &group, t, partitions))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
         let sum = offsets.iter().map(|o| o.unwrap_or(0)).sum::<i64>();
         if sum >= total {
             return;
@@ -663,9 +766,10 @@ pub async fn wait_committed(env: &TestEnv, partitions: i32, total: i64, stalled:
             let ends = env.end_offsets(partitions);
             panic!(
                 "waiting for committed offsets to reach {total}: unchanged for {:?}, {:?} in all; per partition \
-                 (committed, end): {:?}",
+                 (committed, end of {}): {:?}",
                 last_move.elapsed(),
                 started.elapsed(),
+                env.topic,
                 offsets.iter().zip(ends).collect::<Vec<_>>()
             );
         }
