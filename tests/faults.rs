@@ -770,13 +770,6 @@ async fn dead_letter_topic_refusing_writes_while_a_poison_record_arrives() {
     let restored = Instant::now();
     common::wait_committed(&env, PARTITIONS, 21, RECOVERY).await;
     let recovery = restored.elapsed();
-    assert!(p.terminate().success());
-    let letters = read_all(&env.kafka, &env.dlq, 1, Duration::from_secs(30));
-    assert_eq!(letters.len(), 1);
-    assert_eq!(
-        common::header(&letters[0], "dlq.original.offset").as_deref(),
-        Some("10")
-    );
     let body: serde_json::Value = serde_json::from_str(
         &common::http_request(&base, "GET", "/health/ready", None)
             .await
@@ -784,6 +777,14 @@ async fn dead_letter_topic_refusing_writes_while_a_poison_record_arrives() {
     )
     .unwrap_or_default();
     assert_eq!(body["dead_letters_refused"], 0, "ready again: {body}");
+    assert!(p.terminate().success());
+    let letters = read_all(&env.kafka, &env.dlq, 1, Duration::from_secs(30));
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        common::header(&letters[0], "dlq.original.offset").as_deref(),
+        Some("10")
+    );
+
     let mut v = verdict(&env, &w).await;
     v.produced += 1; // the poison record
     record(
