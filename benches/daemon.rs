@@ -1234,6 +1234,29 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
         return Ok(());
     }
+    // BENCH_ONLY=decode: decoding alone (no services), the default format against the format declared.
+    if only == "decode" {
+        let records = workload(n_kafka);
+        let (mut default, mut declared) = (Vec::new(), Vec::new());
+        for i in 0..env.repeat {
+            for part in in_turn(i, 2) {
+                if part == 0 {
+                    default.push(decode_us(&records, Format::Debezium));
+                } else {
+                    declared.push(decode_us(&records, Format::ChangeEvent));
+                }
+            }
+        }
+        let (d, c) = (median(default.clone()), median(declared.clone()));
+        eprintln!("[bench] decoding alone: {d:.3} us per record by default, {c:.3} with the format declared");
+        out.insert(
+            "decode".into(),
+            json!({"records": records.len(), "default_us_per_record": default, "declared_us_per_record": declared,
+                   "median_default_us_per_record": d, "median_declared_us_per_record": c}),
+        );
+        println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
+        return Ok(());
+    }
     if only == "scaling" {
         let records = workload(n_mongo);
         let (one, three) = (

@@ -514,31 +514,32 @@ async fn hostile_records_between_good_ones_harm_none_of_them() {
     .unwrap();
 }
 
-/// Writes a date the server cannot take (year 58873, which the MongoDB-wire server refuses for the whole command)
-/// for the one event marked `poison`, and a normal document for every other: the statements share commands.
-struct DateWriter {
+/// Writes a statement the server refuses (two operators on one path) for the one event marked `poison`, and a
+/// normal document for every other: the statements share commands.
+struct ConflictWriter {
     failures: Failures,
 }
 
 #[async_trait]
-impl EventHandler for DateWriter {
+impl EventHandler for ConflictWriter {
     fn event_type(&self) -> &str {
         "UserCreated"
     }
     fn name(&self) -> &str {
-        "DateWriter"
+        "ConflictWriter"
     }
     async fn handle(&self, event: &OutboxEvent, ctx: &HandlerContext) -> Result<(), HandlerError> {
-        let ms = if event.payload.get("poison").is_some() {
-            1_795_706_161_817_235 // microseconds taken as milliseconds
-        } else {
-            1_795_706_161_817
-        };
+        let at = mongodb::bson::DateTime::from_millis(1_795_706_161_817);
+        let mut update = doc! { "$set": { "at": at, "event_id": &event.event_id } };
+        if event.payload.get("poison").is_some() {
+            // Two operators on one path: MongoDB refuses the statement ("would create a conflict").
+            update.insert("$inc", doc! { "at": 1 });
+        }
         let result = event_processor::handler::guarded_upsert(
             ctx,
             "dates",
             doc! { "_id": &event.aggregate_id },
-            doc! { "$set": { "at": mongodb::bson::DateTime::from_millis(ms), "event_id": &event.event_id } },
+            update,
         )
         .await;
         count_failure(&self.failures, event, &result);
@@ -563,7 +564,7 @@ async fn a_statement_the_server_refuses_is_charged_to_its_record_alone() {
     let failures: Failures = Default::default();
     let mut registry = Registry::new();
     registry
-        .register(Arc::new(DateWriter {
+        .register(Arc::new(ConflictWriter {
             failures: failures.clone(),
         }))
         .unwrap();

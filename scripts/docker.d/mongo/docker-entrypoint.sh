@@ -24,8 +24,8 @@ if [ "$(id -u)" = 0 ]; then
     chown -R mongodb "$dbpath"
     HOME="$dbpath" exec setpriv --reuid=mongodb --regid=mongodb --init-groups "$0" mongod --port "$port" --dbpath "$dbpath"
 fi
-/opt/secantus/bin/secantusd-py --host 0.0.0.0 --port "$port" --storage-path "$dbpath" --log-level WARNING \
-    --standalone &
+secantusd-rs --host 0.0.0.0 --port "$port" --storage-path "$dbpath" --log-level WARNING --standalone \
+    --cache-size 512M &
 server=$!
 trap 'kill -TERM "$server" 2>/dev/null' TERM INT
 until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
