@@ -1248,7 +1248,9 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         let (d, c) = (median(default.clone()), median(declared.clone()));
-        eprintln!("[bench] decoding alone: {d:.3} us per record by default, {c:.3} with the format declared");
+        eprintln!(
+            "[bench] decoding alone: {d:.3} us per record by default, {c:.3} with the format declared"
+        );
         out.insert(
             "decode".into(),
             json!({"records": records.len(), "default_us_per_record": default, "declared_us_per_record": declared,

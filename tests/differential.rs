@@ -84,7 +84,13 @@ fn generated(n: usize) -> Vec<Rec> {
             .into_iter()
             .collect();
         let day = 1 + pick(3);
-        let created = format!("2026-11-{:02}T{:02}:{:02}:00.{:06}Z", day, pick(24), pick(60), pick(999_999));
+        let created = format!(
+            "2026-11-{:02}T{:02}:{:02}:00.{:06}Z",
+            day,
+            pick(24),
+            pick(60),
+            pick(999_999)
+        );
         let (event_type, aggregate) = match pick(3) {
             0 => {
                 payload.insert("email".into(), json!(format!("u{i}@example.com")));
@@ -93,14 +99,20 @@ fn generated(n: usize) -> Vec<Rec> {
             1 => {
                 payload.insert("title".into(), json!(format!("activity {i}")));
                 payload.insert("organizer_id".into(), json!(users[pick(users.len())]));
-                ("ActivityCreated", activities[pick(activities.len())].clone())
+                (
+                    "ActivityCreated",
+                    activities[pick(activities.len())].clone(),
+                )
             }
             _ => {
                 payload.insert("user_id".into(), json!(users[pick(users.len())]));
                 if pick(2) == 0 {
                     payload.insert("joined_at".into(), json!(created));
                 }
-                ("ParticipantJoined", activities[pick(activities.len())].clone())
+                (
+                    "ParticipantJoined",
+                    activities[pick(activities.len())].clone(),
+                )
             }
         };
         let event_id = new_id();

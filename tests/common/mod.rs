@@ -168,6 +168,17 @@ impl TestEnv {
         }
     }
 
+    /// The same, with the read models on another MongoDB-wire server (`uri`): what the daemon writes and what the
+    /// test reads.
+    pub async fn on_mongo(mut self, uri: &str) -> TestEnv {
+        let client = mongodb::Client::with_uri_str(uri)
+            .await
+            .expect("MongoDB client");
+        self.db = client.database(&self.db_name);
+        self.mongo_uri = uri.to_string();
+        self
+    }
+
     /// The same topic, dead-letter topic and database under a fresh consumer group (it starts at offset 0).
     pub fn clone_with_new_group(&self) -> TestEnv {
         TestEnv {
