@@ -17,9 +17,7 @@ const PROTECTED_KAFKA_PROPERTIES: &[&str] = &[
     "isolation.level",
 ];
 
-/// Prefix of the librdkafka pass-through: `KAFKA_PROPERTY_SECURITY_PROTOCOL=SASL_SSL` sets
-/// `security.protocol`. `_` becomes `.`; write `__` for a literal `_`.
-pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
+pub use crate::names::KAFKA_PROPERTY_PREFIX;
 
 /// A connection string that must not appear in logs. `Debug`, `Display` and serialization print it redacted
 /// (`redact::redact_uri`); only [`Secret::expose`] gives the value, to connect with.

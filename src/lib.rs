@@ -43,6 +43,7 @@ pub mod http;
 pub mod kafka;
 pub mod lanes;
 pub mod ledger;
+pub mod names;
 pub mod outage;
 pub mod pipeline;
 pub mod rebuild;

@@ -41,7 +41,7 @@ use crate::store;
 
 /// The environment variable holding the outbox database's URL (`postgres://user:password@host:port/db`), read
 /// by `event-processor snapshot-outbox` only; a secret, hidden from every output.
-pub const OUTBOX_DATABASE_URL: &str = "OUTBOX_DATABASE_URL";
+pub use crate::names::OUTBOX_DATABASE_URL;
 /// `_id` of the record of the last snapshot requested through the signal table, in [`READ_MODELS`].
 pub const SNAPSHOT_ID: &str = "snapshot";
 const TICK: Duration = Duration::from_secs(1);

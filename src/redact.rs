@@ -187,9 +187,9 @@ const MIN_SCRUBBED_LEN: usize = 4;
 pub fn env_secrets<I: IntoIterator<Item = (String, String)>>(vars: I) -> Vec<String> {
     let mut out = Vec::new();
     for (k, v) in vars {
-        if k == "MONGODB_URI" || k == crate::rebuild::OUTBOX_DATABASE_URL {
+        if k == crate::names::MONGODB_URI || k == crate::names::OUTBOX_DATABASE_URL {
             out.extend(uri_secrets(&v));
-        } else if let Some(rest) = k.strip_prefix(crate::config::KAFKA_PROPERTY_PREFIX)
+        } else if let Some(rest) = k.strip_prefix(crate::names::KAFKA_PROPERTY_PREFIX)
             && is_secret_property(&rest.replace('_', "."))
         {
             out.push(v.clone());

@@ -3,24 +3,24 @@
 //! file to read to change how Kafka is configured.
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::Consumer;
-use rdkafka::error::KafkaResult;
 
-use super::Kafka;
-use super::context::GroupContext;
+use super::membership::{InstanceSlot, hostname};
 use crate::config::Config;
 
-/// Builds and subscribes the consumer. Its group instance id, when `auto`, is claimed here: the context keeps
-/// the claim (a held lock file) for as long as the consumer lives.
-pub(crate) fn create_consumer(config: &Config, mut context: GroupContext) -> KafkaResult<Kafka> {
+/// The consumer's configuration ([`consumer_config`]) with its group instance id: when `auto`, a slot claimed
+/// on this host, which the caller keeps (a held lock file) for as long as the consumer lives.
+pub(crate) fn consumer_config_with_membership(
+    config: &Config,
+) -> (ClientConfig, Option<InstanceSlot>) {
     let mut cc = consumer_config(config);
+    let mut claimed = None;
     match config.kafka_group_instance_id.trim() {
         "" | "none" => {}
         "auto" => match InstanceSlot::claim(&config.kafka_group_id) {
             Ok(slot) => {
                 cc.set("group.instance.id", slot.id());
                 tracing::info!(group_instance_id = %slot.id(), "Static group membership: a restart of this process rejoins as this member");
-                context.instance_slot = Some(slot);
+                claimed = Some(slot);
             }
             Err(e) => tracing::warn!(error = %e,
                 "No group instance id could be claimed on this host; joining without static membership (a restart rebalances the group)"),
@@ -31,11 +31,7 @@ pub(crate) fn create_consumer(config: &Config, mut context: GroupContext) -> Kaf
             cc.set("group.instance.id", id.replace("{hostname}", &hostname()));
         }
     }
-    let consumer: Kafka = cc.create_with_context(context)?;
-    let topics = config.topics();
-    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&refs)?;
-    Ok(consumer)
+    (cc, claimed)
 }
 
 /// What every Kafka client of the daemon starts from (the consumer, the dead-letter producer, the replay's
@@ -103,72 +99,6 @@ fn consumer_config(config: &Config) -> ClientConfig {
     cc
 }
 
-/// A claimed static-membership slot of this host: the lowest `n` whose lock file
-/// (`<temp dir>/event-processor-<group>.slot-<n>.lock`) no running process of the group holds. The lock is the
-/// operating system's (released when the process ends, however it ends), so a process restarted after a crash
-/// gets the slot, and the member id, it had, while processes running side by side get their own.
-pub(crate) struct InstanceSlot {
-    id: String,
-    _lock: std::fs::File,
-}
-
-/// Slots tried on one host before giving up on static membership.
-const MAX_SLOTS: usize = 256;
-
-impl InstanceSlot {
-    fn claim(group: &str) -> std::io::Result<InstanceSlot> {
-        let safe: String = group
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let dir = std::env::temp_dir();
-        for n in 0..MAX_SLOTS {
-            let path = dir.join(format!("event-processor-{safe}.slot-{n}.lock"));
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)?;
-            match file.try_lock() {
-                Ok(()) => {
-                    return Ok(InstanceSlot {
-                        id: format!("event-processor-{}-{n}", hostname()),
-                        _lock: file,
-                    });
-                }
-                Err(std::fs::TryLockError::WouldBlock) => continue,
-                Err(std::fs::TryLockError::Error(e)) => return Err(e),
-            }
-        }
-        Err(std::io::Error::other(format!(
-            "all {MAX_SLOTS} slots of {} are taken",
-            dir.display()
-        )))
-    }
-
-    fn id(&self) -> &str {
-        &self.id
-    }
-}
-
-pub fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,24 +135,6 @@ mod tests {
         assert_eq!(cc.get("fetch.queue.backoff.ms"), Some("250"));
         assert_eq!(cc.get("queued.min.messages"), Some("500"));
         assert_eq!(cc.get("partition.assignment.strategy"), Some("range"));
-    }
-
-    #[test]
-    fn processes_side_by_side_get_their_own_slot_and_a_restart_gets_the_freed_one() {
-        let group = format!("slot-test-{}", std::process::id());
-        let a = InstanceSlot::claim(&group).unwrap();
-        let b = InstanceSlot::claim(&group).unwrap();
-        assert_ne!(a.id(), b.id());
-        assert!(
-            a.id().ends_with("-0") && b.id().ends_with("-1"),
-            "{} {}",
-            a.id(),
-            b.id()
-        );
-        let first = a.id().to_string();
-        drop(a);
-        let again = InstanceSlot::claim(&group).unwrap();
-        assert_eq!(again.id(), first, "the slot of the process that ended");
     }
 
     #[test]

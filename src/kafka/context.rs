@@ -12,7 +12,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use tokio_util::sync::CancellationToken;
 
-use super::delivery::{Handoff, Revocation};
+use super::handoff::{Handoff, Revocation};
 use super::{OffsetTracker, Tp, to_tpl, tpl_to_vec};
 use crate::health::Health;
 
@@ -34,7 +34,7 @@ pub(crate) struct GroupContext {
     /// How long a subscribed topic has been missing.
     pub missing_topics: Mutex<MissingTopic>,
     /// The claimed group instance id (`KAFKA_GROUP_INSTANCE_ID=auto`), held as long as the consumer lives.
-    pub instance_slot: Option<super::client::InstanceSlot>,
+    pub instance_slot: Option<super::membership::InstanceSlot>,
 }
 
 /// A subscribed topic that does not exist is normal at first: a new deployment's connector creates its topic

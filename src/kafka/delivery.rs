@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::context::GroupContext;
+use super::handoff::{Handoff, Polled, Revocation};
 use super::{Kafka, OffsetTracker, Tp, client, is_missing_topic, to_tpl, tpl_to_vec};
 use crate::config::Config;
 use crate::health::Health;
@@ -45,76 +46,6 @@ const PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// asked in a busy loop.
 const AFTER_ERROR: Duration = Duration::from_millis(100);
 
-/// What the poller hands the loop, in the order librdkafka produced it.
-pub(crate) enum Polled {
-    /// What the consumer had ready at one go, up to `KAFKA_MAX_POLL_RECORDS`: one hand-off per burst instead
-    /// of one per record.
-    Records(Vec<OwnedMessage>),
-    Error(KafkaError),
-    /// Partitions leave this consumer. Every record of theirs polled before the revoke is ahead of it in the
-    /// channel, every record polled after it (from a partition assigned back meanwhile) behind it.
-    Revoked(Revocation),
-}
-
-/// The poller's side of the channel to the loop, shared with the rebalance callback. Both run on the poller
-/// thread (the callback inside a `recv`), so the lock is never contended; it is there because librdkafka's
-/// context must be `Sync`.
-pub(crate) struct Handoff {
-    /// Records polled and not sent yet.
-    pending: Mutex<Vec<OwnedMessage>>,
-    to_loop: mpsc::Sender<Polled>,
-}
-
-impl Handoff {
-    fn push(&self, m: OwnedMessage) -> usize {
-        let mut p = crate::lock(&self.pending);
-        p.push(m);
-        p.len()
-    }
-
-    fn take_pending(&self) -> Vec<OwnedMessage> {
-        std::mem::take(&mut *crate::lock(&self.pending))
-    }
-
-    /// Sends from the poller, giving up on `stop`; false once the loop is gone.
-    async fn send(&self, polled: Polled, stop: &CancellationToken) -> bool {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => false,
-            sent = self.to_loop.send(polled) => sent.is_ok(),
-        }
-    }
-
-    /// Sends a revoke from the callback, behind the records polled before it; false when the loop is gone.
-    /// Blocking is the point: this is the poller thread, not the runtime's, and the loop reads the channel
-    /// whenever the in-flight limit does not hold it, and within [`PAUSE_AFTER`] when it does.
-    pub(crate) fn send_revoke(&self, revocation: Revocation) -> bool {
-        if self.to_loop.is_closed() {
-            return false;
-        }
-        let pending = self.take_pending();
-        if !pending.is_empty()
-            && self
-                .to_loop
-                .blocking_send(Polled::Records(pending))
-                .is_err()
-        {
-            return false;
-        }
-        self.to_loop
-            .blocking_send(Polled::Revoked(revocation))
-            .is_ok()
-    }
-}
-
-/// A revoke waiting for the loop's answer: the finished offsets to commit before the partitions move.
-pub(crate) struct Revocation {
-    pub partitions: Vec<Tp>,
-    /// Taken away without a revoke (session timed out): nothing is drained or committed.
-    pub lost: bool,
-    pub answer: std::sync::mpsc::SyncSender<Vec<(Tp, i64)>>,
-}
-
 /// Consumes until `shutdown` is cancelled (or the consumer cannot get back into its group), processing every
 /// record with `processor`; then drains, commits what finished and leaves the group.
 pub async fn run(
@@ -125,11 +56,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     // A few bursts: while the in-flight limit holds the loop, records wait in librdkafka's queue instead.
-    let (to_loop, polled) = mpsc::channel(4);
-    let handoff = Arc::new(Handoff {
-        pending: Mutex::new(Vec::new()),
-        to_loop,
-    });
+    let (handoff, polled) = Handoff::channel(4);
+    let handoff = Arc::new(handoff);
     let out_of_group = CancellationToken::new();
     let context = GroupContext {
         tracker: tracker.clone(),
@@ -142,7 +70,7 @@ pub async fn run(
         missing_topics: Default::default(),
         instance_slot: None,
     };
-    let consumer = Arc::new(client::create_consumer(config, context).map_err(|e| {
+    let consumer = Arc::new(create_consumer(config, context).map_err(|e| {
         anyhow::anyhow!("creating the Kafka consumer (KAFKA_BOOTSTRAP_SERVERS, KAFKA_TOPICS): {e}")
     })?);
     info!(topics = ?config.topics(), group = %config.kafka_group_id, "Subscribed");
@@ -207,6 +135,17 @@ pub async fn run(
     .await
     .ok();
     result
+}
+
+/// Builds and subscribes the consumer; its context keeps the claimed group instance id.
+fn create_consumer(config: &Config, mut context: GroupContext) -> KafkaResult<Kafka> {
+    let (cc, slot) = client::consumer_config_with_membership(config);
+    context.instance_slot = slot;
+    let consumer: Kafka = cc.create_with_context(context)?;
+    let topics = config.topics();
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&refs)?;
+    Ok(consumer)
 }
 
 /// How long a clean shutdown waits for the group to take the partitions back.

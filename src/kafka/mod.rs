@@ -10,15 +10,18 @@
 pub mod client;
 pub(crate) mod context;
 pub mod delivery;
+pub(crate) mod handoff;
+pub(crate) mod membership;
 pub mod offsets;
 
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::KafkaResult;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-pub use client::{client_config, hostname};
+pub use client::client_config;
 pub use context::{MissingTopic, MissingTopicLine, RejoinWatch, is_missing_topic};
 pub use delivery::run;
+pub use membership::hostname;
 pub use offsets::{OffsetTracker, Tp};
 
 /// The consumer with its callbacks.
