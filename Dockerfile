@@ -8,7 +8,7 @@ WORKDIR /src
 # The dependencies in a layer of their own, built against placeholder sources: a change to src/ rebuilds only
 # this crate. The manifest names the test, bench and example targets, so their files come along (only the daemon
 # is built); a change to them rebuilds the dependencies too.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY tests ./tests
 COPY benches ./benches
 COPY examples ./examples
@@ -18,6 +18,8 @@ RUN mkdir -p src \
     && cargo build --release --locked --features static-ssl --bin event-processor \
     && rm -rf src
 COPY src ./src
+# The commit `event-processor --version` names (the context has no .git): `--build-arg GIT_COMMIT=...`.
+ARG GIT_COMMIT=""
 # The placeholders' build products are older than the real sources: cargo rebuilds the crate, not the rest.
 RUN touch src/lib.rs src/main.rs \
     && cargo build --release --locked --features static-ssl --bin event-processor \

@@ -441,6 +441,29 @@ impl Config {
         Ok(())
     }
 
+    /// The configuration as the daemon runs with it, by variable name (defaults included, `KAFKA_PROPERTY_*` by
+    /// the variable that set each property), every secret hidden: what `event-processor config` prints.
+    pub fn effective(&self) -> BTreeMap<String, serde_json::Value> {
+        let mut out: BTreeMap<String, serde_json::Value> = match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(m)) => m
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_uppercase(), v))
+                .collect(),
+            _ => BTreeMap::new(),
+        };
+        for (prop, value) in &self.kafka_properties.0 {
+            let var = format!(
+                "{KAFKA_PROPERTY_PREFIX}{}",
+                prop.replace('_', "__")
+                    .replace('.', "_")
+                    .to_ascii_uppercase()
+            );
+            let shown = crate::redact::redact_property(prop, value);
+            out.insert(var, serde_json::Value::String(shown.to_string()));
+        }
+        out
+    }
+
     /// The names of every environment variable this configuration reads (besides `KAFKA_PROPERTY_*`).
     pub fn variable_names(&self) -> Vec<String> {
         match serde_json::to_value(self) {
@@ -574,6 +597,27 @@ mod tests {
             redact_uri("mongodb://localhost:27017"),
             "mongodb://localhost:27017"
         );
+    }
+
+    #[test]
+    fn the_effective_configuration_names_every_variable_and_hides_secrets() {
+        let c = Config::from_vars(vars(&[
+            ("KAFKA_PROPERTY_SASL_PASSWORD", "hunter2"),
+            ("KAFKA_PROPERTY_SECURITY_PROTOCOL", "SASL_SSL"),
+        ]))
+        .unwrap();
+        let shown = c.effective();
+        let text = serde_json::to_string(&shown).unwrap();
+        assert!(
+            !text.contains("hunter2") && !text.contains("s3cret"),
+            "{text}"
+        );
+        assert_eq!(shown["KAFKA_PROPERTY_SECURITY_PROTOCOL"], "SASL_SSL");
+        assert_eq!(shown["KAFKA_GROUP_INSTANCE_ID"], "auto");
+        assert_eq!(shown["PROCESSING_BATCH_SIZE"], 100);
+        for name in c.variable_names() {
+            assert!(shown.contains_key(&name), "{name}");
+        }
     }
 
     #[test]

@@ -1,13 +1,13 @@
-//! The daemon's entry point: read config, install telemetry and the shutdown signal, run.
+//! The daemon's entry point: parse the command line, read the configuration, install telemetry and the shutdown
+//! signal, run the command.
 //!
-//! `event-processor` runs the daemon; `event-processor healthcheck` probes a running one (used by the image's
-//! HEALTHCHECK); `event-processor replay-dlq [HANDLER]` re-runs the dead letters present now (of one handler);
-//! `event-processor rebuild --handler NAME...` rebuilds read models from history while the daemon runs
-//! (`--drop-retired` removes the collections rebuilds replaced); `event-processor snapshot-outbox` asks Debezium
-//! to emit the outbox table's rows again.
+//! Exit codes: 0 done, 1 failed, 2 a usage error (an unknown command or option), 78 a configuration error (a
+//! variable missing or malformed: `EX_CONFIG`), 130 a rebuild stopped by a signal (resumable).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Args, Parser, Subcommand};
 use event_processor::{Config, redact, shutdown, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -16,183 +16,142 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `--version`'s text: the version, and the commit it was built from when known (`build.rs`).
+fn version() -> String {
+    match option_env!("EVENT_PROCESSOR_COMMIT") {
+        Some(commit) if !commit.is_empty() => {
+            format!("{} (commit {commit})", env!("CARGO_PKG_VERSION"))
+        }
+        _ => env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// Turns a PostgreSQL application's transactional outbox, as Debezium publishes it to Kafka, into MongoDB read
+/// models. Configured by environment variables (see .env.example); `event-processor config` shows what it got.
+#[derive(Parser, Debug)]
+#[command(name = "event-processor", about, long_about = None, disable_version_flag = true)]
+struct Cli {
+    /// Print the version (and the commit it was built from) and exit.
+    #[arg(short = 'V', long, action = clap::ArgAction::SetTrue)]
+    version: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon (what runs without a command).
+    Run,
+    /// Probe the liveness endpoint of a daemon running on this host; exit 0 when it is live (the image's
+    /// HEALTHCHECK). Reads only HTTP_PORT and HTTP_BIND_ADDRESS.
+    Healthcheck,
+    /// Re-run the dead letters present in DLQ_TOPIC now: only the handler a letter names (its siblings succeeded),
+    /// or the whole record. Progress is kept under the group `<KAFKA_GROUP_ID>.dlq-replay.<handler|all>`.
+    ReplayDlq {
+        /// Replay only the letters of this handler.
+        handler: Option<String>,
+    },
+    /// Rebuild read models from the topics' history while the live daemon runs, then switch readers and the
+    /// daemon to them (docs/REBUILDING.md). Progress: a bar on a terminal, JSON lines otherwise.
+    Rebuild(RebuildArgs),
+    /// Ask Debezium, through its signal table, for an incremental snapshot of the outbox table: its rows are
+    /// emitted again (history retention removed from the topics). Needs OUTBOX_DATABASE_URL.
+    SnapshotOutbox {
+        /// The outbox table.
+        #[arg(
+            long,
+            value_name = "SCHEMA.TABLE",
+            default_value = "activity.event_outbox"
+        )]
+        table: String,
+        /// The connector's signal table (`signal.data.collection`).
+        #[arg(
+            long,
+            value_name = "SCHEMA.TABLE",
+            default_value = "activity.debezium_signal"
+        )]
+        signal_table: String,
+    },
+    /// Print the configuration the daemon would run with, as JSON: every variable with the value it takes
+    /// (defaults included) and the KAFKA_PROPERTY_* pass-through, secrets hidden. Exits 78 when it is invalid.
+    Config,
+    /// Print the RECORD_FORMATS format of the records a Kafka Connect connector configuration produces (the JSON
+    /// PUT to /connectors/<name>/config, or a file holding {"name": ..., "config": {...}}).
+    Format {
+        /// The connector configuration file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RebuildArgs {
+    /// A handler whose read models to rebuild (repeat for several).
+    #[arg(
+        long = "handler",
+        value_name = "NAME",
+        required_unless_present = "drop_retired"
+    )]
+    handlers: Vec<String>,
+    /// Rebuild from what the topics still hold even when their oldest events are gone.
+    #[arg(long, conflicts_with = "drop_retired")]
+    allow_incomplete_history: bool,
+    /// Remove the collections earlier rebuilds replaced, instead of rebuilding.
+    #[arg(long)]
+    drop_retired: bool,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     // Before anything can print: every secret of the environment is hidden from every line from here on.
     redact::install_from_env();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        None | Some("run") => run().await,
-        Some("healthcheck") => healthcheck().await,
-        Some("replay-dlq") => replay(args.get(1).cloned()).await,
-        Some("rebuild") => rebuild(&args[1..]).await,
-        Some("snapshot-outbox") => snapshot(&args[1..]).await,
-        Some(other) => {
-            fail(&format!("unknown command `{other}`; {USAGE}"));
-            ExitCode::from(2)
-        }
-    }
-}
-
-const USAGE: &str = "usage: event-processor [run | healthcheck | replay-dlq [HANDLER] | rebuild --handler NAME... \
-     [--allow-incomplete-history] | rebuild --drop-retired | snapshot-outbox [--table SCHEMA.TABLE] \
-     [--signal-table SCHEMA.TABLE]]";
-
-/// Command-line options: `--name VALUE` (or `--name=VALUE`) for the names in `valued`, repeatable, and the bare
-/// `flags`; anything else is an error.
-struct Args {
-    values: Vec<(String, String)>,
-    flags: Vec<String>,
-}
-
-impl Args {
-    fn parse(args: &[String], valued: &[&str], flags: &[&str]) -> Result<Args, String> {
-        let mut out = Args {
-            values: Vec::new(),
-            flags: Vec::new(),
-        };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            if let Some((name, v)) = a.split_once('=').filter(|(n, _)| valued.contains(n)) {
-                out.values.push((name.to_string(), v.to_string()));
-            } else if valued.contains(&a.as_str()) {
-                let v = it.next().ok_or_else(|| format!("{a} needs a value"))?;
-                out.values.push((a.clone(), v.clone()));
-            } else if flags.contains(&a.as_str()) {
-                out.flags.push(a.clone());
-            } else {
-                return Err(format!("unexpected argument `{a}`"));
-            }
-        }
-        Ok(out)
-    }
-
-    fn all(&self, name: &str) -> Vec<String> {
-        self.values
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-            .collect()
-    }
-
-    fn last_or(&self, name: &str, default: &str) -> String {
-        self.all(name).pop().unwrap_or_else(|| default.to_string())
-    }
-
-    fn has(&self, flag: &str) -> bool {
-        self.flags.iter().any(|f| f == flag)
-    }
-}
-
-fn usage_error(e: String) -> ExitCode {
-    fail(&format!("{e}; {USAGE}"));
-    ExitCode::from(2)
-}
-
-async fn rebuild(args: &[String]) -> ExitCode {
-    let args = match Args::parse(
-        args,
-        &["--handler"],
-        &["--allow-incomplete-history", "--drop-retired"],
-    ) {
-        Ok(a) => a,
-        Err(e) => return usage_error(e),
-    };
-    let (config, token) = match start() {
-        Ok(started) => started,
-        Err(code) => return code,
-    };
-    if args.has("--drop-retired") {
-        return match event_processor::rebuild::drop_retired(&config).await {
-            Ok(dropped) => {
-                println!(
-                    "dropped {} retired collections: {}",
-                    dropped.len(),
-                    dropped.join(", ")
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                fail(&format!("{e:#}"));
-                ExitCode::FAILURE
-            }
-        };
-    }
-    let mut registry = event_processor::Registry::new();
-    if let Err(e) = event_processor::handlers::register_all(&mut registry) {
-        fail(&e.to_string());
-        return ExitCode::FAILURE;
-    }
-    let options = event_processor::rebuild::Options {
-        handlers: args.all("--handler"),
-        allow_incomplete_history: args.has("--allow-incomplete-history"),
-    };
-    match event_processor::rebuild::run(config, registry, options, token).await {
-        Ok(Some(done)) => {
-            println!(
-                "rebuild {} finished in {:.1} s: {} records; {} now read from database {} (route generation {})",
-                done.number,
-                done.elapsed.as_secs_f64(),
-                done.records,
-                done.collections.join(", "),
-                done.database,
-                done.generation
-            );
-            ExitCode::SUCCESS
-        }
-        // Stopped by a signal: resumable, and not finished.
-        Ok(None) => ExitCode::from(130),
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
         Err(e) => {
-            fail(&format!("{e:#}"));
-            ExitCode::FAILURE
+            // Help and usage go where clap sends them (help to stdout, exit 0; a usage error to stderr, exit 2).
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
+    };
+    if cli.version {
+        out(&format!("event-processor {}", version()));
+        return ExitCode::SUCCESS;
+    }
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run().await,
+        Command::Healthcheck => healthcheck().await,
+        Command::ReplayDlq { handler } => replay(handler).await,
+        Command::Rebuild(args) => rebuild(args).await,
+        Command::SnapshotOutbox {
+            table,
+            signal_table,
+        } => snapshot(&table, &signal_table).await,
+        Command::Config => print_config(),
+        Command::Format { file } => print_format(&file),
     }
 }
 
-async fn snapshot(args: &[String]) -> ExitCode {
-    let args = match Args::parse(args, &["--table", "--signal-table"], &[]) {
-        Ok(a) => a,
-        Err(e) => return usage_error(e),
-    };
-    let table = args.last_or("--table", "activity.event_outbox");
-    let signal_table = args.last_or("--signal-table", "activity.debezium_signal");
-    let Some(url) = std::env::var(event_processor::rebuild::OUTBOX_DATABASE_URL)
-        .ok()
-        .filter(|u| !u.is_empty())
-    else {
-        fail("OUTBOX_DATABASE_URL is not set (postgres://user:password@host:port/database)");
-        return ExitCode::from(78);
-    };
-    let (config, _token) = match start() {
-        Ok(started) => started,
-        Err(code) => return code,
-    };
-    match event_processor::rebuild::snapshot_outbox(&config, &url, &signal_table, &table).await {
-        Ok(id) => {
-            println!(
-                "requested an incremental snapshot of {table} (signal {id} in {signal_table})"
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            fail(&format!("{e:#}"));
-            ExitCode::FAILURE
-        }
-    }
+/// A command's result on stdout. A reader that went away (`| head`) is not an error of the command.
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
 }
 
 /// One line on stderr, secrets hidden.
 fn fail(message: &str) {
-    eprintln!("event-processor: {}", redact::scrub(message));
+    eprintln!("event-processor: {}", redact::scrub(message.trim_end()));
 }
 
-/// Configuration, logging and the shutdown signal, as every long-running command needs them; the exit code
-/// when one of them fails (78, EX_CONFIG, for a bad variable).
-fn start() -> Result<(Config, CancellationToken), ExitCode> {
-    let config = Config::from_env().map_err(|e| {
+/// The configuration from the environment, or the exit code 78 (EX_CONFIG) after saying what is wrong.
+fn configuration() -> Result<Config, ExitCode> {
+    Config::from_env().map_err(|e| {
         fail(&e.to_string());
         ExitCode::from(78)
-    })?;
+    })
+}
+
+/// Configuration, logging and the shutdown signal, as every long-running command needs them.
+fn start() -> Result<(Config, CancellationToken), ExitCode> {
+    let config = configuration()?;
     telemetry::init(&config.log_level, config.log_format()).map_err(|e| {
         fail(&format!("cannot install logging: {e}"));
         ExitCode::FAILURE
@@ -218,16 +177,101 @@ async fn run() -> ExitCode {
     }
 }
 
+fn registry() -> Result<event_processor::Registry, ExitCode> {
+    let mut registry = event_processor::Registry::new();
+    event_processor::handlers::register_all(&mut registry).map_err(|e| {
+        fail(&e.to_string());
+        ExitCode::FAILURE
+    })?;
+    Ok(registry)
+}
+
+async fn rebuild(args: RebuildArgs) -> ExitCode {
+    let (config, token) = match start() {
+        Ok(started) => started,
+        Err(code) => return code,
+    };
+    if args.drop_retired {
+        return match event_processor::rebuild::drop_retired(&config).await {
+            Ok(dropped) => {
+                println!(
+                    "dropped {} retired collections: {}",
+                    dropped.len(),
+                    dropped.join(", ")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                fail(&format!("{e:#}"));
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let registry = match registry() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let options = event_processor::rebuild::Options {
+        handlers: args.handlers,
+        allow_incomplete_history: args.allow_incomplete_history,
+    };
+    match event_processor::rebuild::run(config, registry, options, token).await {
+        Ok(Some(done)) => {
+            println!(
+                "rebuild {} finished in {:.1} s: {} records; {} now read from database {} (route generation {})",
+                done.number,
+                done.elapsed.as_secs_f64(),
+                done.records,
+                done.collections.join(", "),
+                done.database,
+                done.generation
+            );
+            ExitCode::SUCCESS
+        }
+        // Stopped by a signal: resumable, and not finished.
+        Ok(None) => ExitCode::from(130),
+        Err(e) => {
+            fail(&format!("{e:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn snapshot(table: &str, signal_table: &str) -> ExitCode {
+    let Some(url) = std::env::var(event_processor::names::OUTBOX_DATABASE_URL)
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        fail("OUTBOX_DATABASE_URL is not set (postgres://user:password@host:port/database)");
+        return ExitCode::from(78);
+    };
+    let (config, _token) = match start() {
+        Ok(started) => started,
+        Err(code) => return code,
+    };
+    match event_processor::rebuild::snapshot_outbox(&config, &url, signal_table, table).await {
+        Ok(id) => {
+            println!(
+                "requested an incremental snapshot of {table} (signal {id} in {signal_table})"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            fail(&format!("{e:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn replay(handler: Option<String>) -> ExitCode {
     let (config, token) = match start() {
         Ok(started) => started,
         Err(code) => return code,
     };
-    let mut registry = event_processor::Registry::new();
-    if let Err(e) = event_processor::handlers::register_all(&mut registry) {
-        fail(&e.to_string());
-        return ExitCode::FAILURE;
-    }
+    let registry = match registry() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
     match event_processor::replay::replay_dead_letters(config, registry, handler, token).await {
         Ok(stats) => {
             println!(
@@ -246,6 +290,54 @@ async fn replay(handler: Option<String>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The effective configuration as JSON, secrets hidden: what a container really got.
+fn print_config() -> ExitCode {
+    let config = match configuration() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let shown = config.effective();
+    // Hidden twice over: `Config` serializes its secrets redacted, and the text goes through the same redaction as
+    // every other output.
+    match serde_json::to_string_pretty(&shown) {
+        Ok(text) => {
+            out(&redact::scrub(&text));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            fail(&format!("cannot print the configuration: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The record format of a connector configuration file.
+fn print_format(file: &std::path::Path) -> ExitCode {
+    let parsed = std::fs::read_to_string(file)
+        .map_err(|e| format!("reading {}: {e}", file.display()))
+        .and_then(|text| {
+            serde_json::from_str::<serde_json::Value>(&text)
+                .map_err(|e| format!("{} is not JSON: {e}", file.display()))
+        });
+    let doc = match parsed {
+        Ok(doc) => doc,
+        Err(e) => {
+            fail(&e);
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = doc.get("config").unwrap_or(&doc);
+    let Some(config) = config.as_object() else {
+        fail(&format!(
+            "{} holds no connector configuration object",
+            file.display()
+        ));
+        return ExitCode::FAILURE;
+    };
+    out(&event_processor::decode::Format::for_connector(config).to_string());
+    ExitCode::SUCCESS
 }
 
 /// Probes the liveness endpoint of the daemon on this host. Reads only `HTTP_PORT` and `HTTP_BIND_ADDRESS`: a

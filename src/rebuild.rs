@@ -19,7 +19,7 @@
 //! a rebuild that is killed resumes where it was when started again with the same handlers.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -800,21 +800,30 @@ fn quote_table(name: &str) -> anyhow::Result<String> {
         .join("."))
 }
 
-/// Progress on a terminal (a bar with an ETA, on stderr) or as JSON lines (on stdout).
+/// Progress on a terminal (indicatif's bar with an ETA, on stderr) or as JSON lines (on stdout).
 struct Progress {
-    terminal: bool,
+    bar: Option<indicatif::ProgressBar>,
     last: Option<(Instant, i64)>,
     rate: f64,
-    drawn: bool,
 }
 
 impl Progress {
     fn new() -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} {msg:<11} [{bar:30}] {pos}/{len} records {per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("#> "),
+            );
+            bar
+        });
         Progress {
-            terminal: std::io::stderr().is_terminal(),
+            bar,
             last: None,
             rate: 0.0,
-            drawn: false,
         }
     }
 
@@ -832,6 +841,16 @@ impl Progress {
             .map(|(tp, t)| (t - low[tp]).max(0))
             .sum::<i64>()
             .max(done);
+        metrics::gauge!(crate::catalogue::REBUILD_RECORDS, "phase" => phase.to_string())
+            .set(done as f64);
+        if let Some(bar) = &self.bar {
+            // indicatif keeps its own rate and ETA.
+            bar.set_prefix(format!("rebuild {rebuild}"));
+            bar.set_message(phase.to_string());
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            return;
+        }
         let now = Instant::now();
         if let Some((at, before)) = self.last {
             let secs = now.duration_since(at).as_secs_f64();
@@ -846,39 +865,19 @@ impl Progress {
         }
         self.last = Some((now, done));
         let eta = (self.rate > 0.0).then(|| (total - done) as f64 / self.rate);
-        metrics::gauge!(crate::catalogue::REBUILD_RECORDS, "phase" => phase.to_string())
-            .set(done as f64);
-        if self.terminal {
-            let width = 30;
-            let filled = if total > 0 {
-                (done * width / total) as usize
-            } else {
-                width as usize
-            };
-            let eta = eta.map_or("--".to_string(), |s| format!("{s:.0}s"));
-            eprint!(
-                "\rrebuild {rebuild} {phase:<11} [{}{}] {done}/{total} records {:.0}/s ETA {eta}   ",
-                "#".repeat(filled),
-                " ".repeat(width as usize - filled),
-                self.rate
-            );
-            let _ = std::io::stderr().flush();
-            self.drawn = true;
-        } else {
-            println!(
-                "{}",
-                json!({
-                    "rebuild": rebuild, "phase": phase, "records_done": done, "records_total": total,
-                    "records_per_second": (self.rate * 10.0).round() / 10.0,
-                    "eta_seconds": eta.map(|s| s.round()),
-                })
-            );
-        }
+        println!(
+            "{}",
+            json!({
+                "rebuild": rebuild, "phase": phase, "records_done": done, "records_total": total,
+                "records_per_second": (self.rate * 10.0).round() / 10.0,
+                "eta_seconds": eta.map(|s| s.round()),
+            })
+        );
     }
 
     fn finish(&mut self) {
-        if self.drawn {
-            eprintln!();
+        if let Some(bar) = &self.bar {
+            bar.finish();
         }
     }
 }

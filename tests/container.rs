@@ -276,3 +276,48 @@ fn a_bad_variable_exits_78_with_one_message() {
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(lines[0].contains("PROCESSING_BATCH_SIZE"), "{stderr}");
 }
+
+#[test]
+fn the_image_answers_help_version_and_config() {
+    require_engine_and_image();
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", "--rm", "--network", "none", &image()[..]]
+            .into_iter()
+            .map(str::to_string)
+            .collect::<Vec<_>>();
+        all.extend(args.iter().map(|a| a.to_string()));
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        docker(&refs)
+    };
+    let help = run(&["--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("rebuild"));
+    let sub = run(&["rebuild", "--help"]);
+    assert_eq!(sub.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&sub.stdout).contains("--handler"));
+    let version = run(&["--version"]);
+    assert_eq!(version.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&version.stdout);
+    // scripts/docker builds the image with the checkout's commit (`--build-arg GIT_COMMIT`).
+    assert!(text.contains("(commit "), "{text}");
+    let usage = run(&["no-such-command"]);
+    assert_eq!(usage.status.code(), Some(2));
+    let config = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-e",
+        "KAFKA_BOOTSTRAP_SERVERS=kafka:9092",
+        "-e",
+        "MONGODB_URI=mongodb://app:pa55@mongodb:27017",
+        &image(),
+        "config",
+    ]);
+    assert_eq!(config.status.code(), Some(0));
+    let shown = String::from_utf8_lossy(&config.stdout);
+    assert!(
+        shown.contains("\"KAFKA_BOOTSTRAP_SERVERS\": \"kafka:9092\"") && !shown.contains("pa55"),
+        "{shown}"
+    );
+}

@@ -279,5 +279,36 @@ async fn no_secret_reaches_any_output() {
         "says what failed: {out}"
     );
     leaks.extend(c.leaks("snapshot-outbox's output", &out));
+
+    // 6. `config`, which prints the whole configuration: with every secret of the run above and the MongoDB
+    //    credentials, it names each variable and shows none of their secret values.
+    let name = format!("secrets-config-{}", env.topic);
+    let mut config = run(
+        &name,
+        &["config"],
+        &as_refs(&[
+            (
+                "MONGODB_URI",
+                with_credentials(
+                    &env.mongo_uri,
+                    &format!("canary-user:{encoded}"),
+                    "authSource=admin",
+                ),
+            ),
+            (
+                "KAFKA_PROPERTY_SASL_OAUTHBEARER_CLIENT_SECRET",
+                c.oauth_secret.clone(),
+            ),
+        ]),
+    );
+    let status = config.wait_exit(WAIT).expect("config ends");
+    assert!(status.success(), "config printed: {}", log_of(&name));
+    let out = log_of(&name);
+    assert!(
+        out.contains("\"KAFKA_PROPERTY_SASL_OAUTHBEARER_CLIENT_SECRET\"")
+            && out.contains("\"MONGODB_URI\""),
+        "{out}"
+    );
+    leaks.extend(c.leaks("config's output", &out));
     assert!(leaks.is_empty(), "secrets leaked: {leaks:#?}");
 }
