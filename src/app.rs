@@ -15,6 +15,7 @@ use crate::handlers;
 use crate::health::Health;
 use crate::kafka;
 use crate::pipeline::{ProcessingSettings, Processor};
+use crate::refusals::Refusals;
 use crate::registry::Registry;
 use crate::routes::{self, Routes};
 use crate::store;
@@ -88,6 +89,7 @@ pub async fn serve(
     // MongoDB may come up after us: wait for it rather than fail, readiness says why we are not ready. Only the
     // registered handlers' indexes are created.
     let indexes = registry.indexes();
+    let mongo_refusals = Arc::new(Refusals::default());
     loop {
         let ready = async {
             store::ping(&db).await?;
@@ -100,7 +102,7 @@ pub async fn serve(
         match ready.await {
             Ok(()) => break,
             Err(e) if store::is_transient(&e) => {
-                warn!(error = %e, "MongoDB unreachable; waiting to create indexes");
+                mongo_unavailable(&e, &mongo_refusals, &health, "waiting to create indexes");
                 tokio::select! {
                     _ = shutdown.cancelled() => { http_stop.cancel(); return Ok(()); }
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -110,7 +112,13 @@ pub async fn serve(
         }
     }
     health.set_mongo_reachable(true);
-    let pinger = spawn_mongo_pinger(db.clone(), health.clone(), http_stop.clone());
+    mongo_available(&mongo_refusals, &health);
+    let pinger = spawn_mongo_pinger(
+        db.clone(),
+        health.clone(),
+        mongo_refusals,
+        http_stop.clone(),
+    );
     let follower = matches!(target, Target::Live).then(|| {
         tokio::spawn(routes::follow(
             routes.clone(),
@@ -121,8 +129,11 @@ pub async fn serve(
         ))
     });
 
-    let dead_letters =
-        Arc::new(KafkaDeadLetters::new(&config).context("creating the dead-letter producer")?);
+    let access = kafka::access::AccessWatch::new(health.clone(), &config);
+    let dead_letters = Arc::new(
+        KafkaDeadLetters::new(&config, access.clone())
+            .context("creating the dead-letter producer")?,
+    );
     let processor = Arc::new(Processor {
         registry: Arc::new(registry),
         ctx: HandlerContext::new(db),
@@ -134,7 +145,7 @@ pub async fn serve(
         health: health.clone(),
         outages: Default::default(),
     });
-    let result = kafka::run(&config, processor, health, shutdown).await;
+    let result = kafka::run(&config, processor, health, access, shutdown).await;
     dead_letters.flush(Duration::from_secs(5));
     http_stop.cancel();
     let _ = pinger.await;
@@ -147,13 +158,24 @@ pub async fn serve(
 fn spawn_mongo_pinger(
     db: mongodb::Database,
     health: Arc<Health>,
+    refusals: Arc<Refusals>,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            let ok = tokio::time::timeout(Duration::from_secs(5), store::ping(&db))
-                .await
-                .is_ok_and(|r| r.is_ok());
+            let ok = match tokio::time::timeout(Duration::from_secs(5), store::ping(&db)).await {
+                Ok(Ok(())) => {
+                    mongo_available(&refusals, &health);
+                    true
+                }
+                Ok(Err(e)) => {
+                    if store::refusal(&e).is_some() {
+                        mongo_unavailable(&e, &refusals, &health, "pinging it");
+                    }
+                    false
+                }
+                Err(_) => false,
+            };
             health.set_mongo_reachable(ok);
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -161,4 +183,31 @@ fn spawn_mongo_pinger(
             }
         }
     })
+}
+
+/// MongoDB failed an operation with a transient error: what it refuses this client, said once per cause
+/// ([`Refusals`]) and in readiness; else that it is unreachable.
+fn mongo_unavailable(e: &mongodb::error::Error, said: &Refusals, health: &Health, doing: &str) {
+    match store::refusal(e) {
+        Some((what, advice)) => {
+            health.mongo_refused(Some(what));
+            metrics::counter!(crate::catalogue::ACCESS_REFUSALS,
+                "service" => "mongodb", "refused" => what)
+            .increment(1);
+            if said.note(what) {
+                error!(refused = what, error = %e, "{advice}");
+            } else {
+                tracing::debug!(refused = what, error = %e, "MongoDB refusal (said already)");
+            }
+        }
+        None => warn!(error = %e, "MongoDB unreachable; {doing}"),
+    }
+}
+
+/// MongoDB answered: whatever it refused is over.
+fn mongo_available(said: &Refusals, health: &Health) {
+    if let Some(was) = said.clear() {
+        health.mongo_refused(None);
+        info!(was_refused = was, "MongoDB accepts this client again");
+    }
 }

@@ -60,6 +60,8 @@ catalogue! {
         "Times the partitions were paused because PROCESSING_MAX_IN_FLIGHT records were in flight.";
     CONSUMER_ERRORS = "event_processor_consumer_errors_total", "counter", [],
         "Errors the consumer returned while polling.";
+    ACCESS_REFUSALS = "event_processor_access_refusals_total", "counter", ["service", "refused"],
+        "Refusals of this client's access by Kafka or MongoDB (credentials, certificate, an authorization).";
     MONGODB_COMMANDS = "event_processor_mongodb_commands_total", "counter", ["command"],
         "Commands sent to MongoDB (round trips), from the driver's command monitoring.";
     MONGODB_STATEMENTS = "event_processor_mongodb_statements_total", "counter", ["command"],

@@ -2,6 +2,7 @@
 //! the header vocabulary and the producer. A dead letter counts only once the broker acknowledged it; until
 //! then the original record stays uncommitted.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,6 +11,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::config::Config;
+use crate::kafka::access::{AccessWatch, ProducerContext};
 
 /// Header names on every dead letter.
 pub mod headers {
@@ -89,19 +91,23 @@ pub trait DeadLetterSink: Send + Sync {
 
 /// Dead letters produced to `DLQ_TOPIC` with `acks=all` and idempotence on.
 pub struct KafkaDeadLetters {
-    producer: FutureProducer,
+    producer: FutureProducer<ProducerContext>,
     topic: String,
     group: String,
 }
 
 impl KafkaDeadLetters {
-    pub fn new(config: &Config) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = crate::kafka::client_config(config)
+    /// `access` hears what the brokers refuse the producer (its credentials or certificate, as the consumer's).
+    pub fn new(config: &Config, access: Arc<AccessWatch>) -> Result<Self, KafkaError> {
+        let producer = crate::kafka::client_config(config)
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", "15000")
             .set("linger.ms", "0")
-            .create()?;
+            .create_with_context(ProducerContext {
+                access,
+                client: "dead-letter producer",
+            })?;
         Ok(Self {
             producer,
             topic: config.dlq_topic.clone(),

@@ -23,6 +23,9 @@ pub struct Health {
     letters_refused: AtomicUsize,
     /// Partitions whose oldest waiting record has waited past `PARTITION_STALL_TIMEOUT_MS`.
     stalled: Mutex<Vec<StalledPartition>>,
+    /// What Kafka refuses this client now (`kafka::access`), and what MongoDB does.
+    kafka_refused: Mutex<Option<&'static str>>,
+    mongo_refused: Mutex<Option<&'static str>>,
 }
 
 /// A partition that has not committed for the stall bound, though a record of it waits.
@@ -46,6 +49,12 @@ pub struct Readiness {
     pub dead_letters_refused: usize,
     /// Partitions whose oldest waiting record has waited past the stall bound, whatever the cause.
     pub stalled_partitions: Vec<StalledPartition>,
+    /// What Kafka refuses this client (credentials, certificate, topic/group/cluster authorization), if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_refused: Option<String>,
+    /// What MongoDB refuses it (credentials, certificate, authorization), if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mongo_refused: Option<String>,
 }
 
 impl Health {
@@ -102,6 +111,16 @@ impl Health {
         }
     }
 
+    /// What Kafka refuses this client now; `None` once it works again.
+    pub fn kafka_refused(&self, what: Option<&'static str>) {
+        *crate::lock(&self.kafka_refused) = what;
+    }
+
+    /// What MongoDB refuses this client now; `None` once it works again.
+    pub fn mongo_refused(&self, what: Option<&'static str>) {
+        *crate::lock(&self.mongo_refused) = what;
+    }
+
     /// The partitions stalled now (replaces the previous list).
     pub fn set_stalled(&self, stalled: Vec<StalledPartition>) {
         *crate::lock(&self.stalled) = stalled;
@@ -118,17 +137,23 @@ impl Health {
         let mongo_reachable = self.mongo_reachable.load(Ordering::Relaxed);
         let dead_letters_refused = self.letters_refused.load(Ordering::Relaxed);
         let stalled_partitions = crate::lock(&self.stalled).clone();
+        let kafka_refused = crate::lock(&self.kafka_refused).map(str::to_string);
+        let mongo_refused = crate::lock(&self.mongo_refused).map(str::to_string);
         Readiness {
             ready: assigned_partitions > 0
                 && mongo_reachable
                 && !commits_stalled
                 && dead_letters_refused == 0
-                && stalled_partitions.is_empty(),
+                && stalled_partitions.is_empty()
+                && kafka_refused.is_none()
+                && mongo_refused.is_none(),
             assigned_partitions,
             mongo_reachable,
             commits_stalled,
             dead_letters_refused,
             stalled_partitions,
+            kafka_refused,
+            mongo_refused,
         }
     }
 }
@@ -168,6 +193,13 @@ mod tests {
         }]);
         assert!(!h.readiness().ready);
         h.set_stalled(Vec::new());
+        assert!(h.readiness().ready);
+        h.kafka_refused(Some("credentials"));
+        assert!(!h.readiness().ready);
+        h.kafka_refused(None);
+        h.mongo_refused(Some("certificate"));
+        assert!(!h.readiness().ready);
+        h.mongo_refused(None);
         assert!(h.readiness().ready);
     }
 }

@@ -48,6 +48,7 @@ pub mod outage;
 pub mod pipeline;
 pub mod rebuild;
 pub mod redact;
+pub mod refusals;
 pub mod registry;
 pub mod replay;
 pub mod routes;

@@ -33,6 +33,7 @@ const PLAIN_URI_OPTIONS: &[&str] = &[
     "replicaset",
     "tls",
     "ssl",
+    "tlscafile",
     "directconnection",
     "retrywrites",
     "retryreads",

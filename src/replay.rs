@@ -105,7 +105,10 @@ pub async fn replay_dead_letters(
         registry: Arc::new(registry),
         ctx: HandlerContext::new(db),
         routes,
-        dead_letters: Arc::new(KafkaDeadLetters::new(&config)?),
+        dead_letters: Arc::new(KafkaDeadLetters::new(
+            &config,
+            crate::kafka::access::AccessWatch::new(Default::default(), &config),
+        )?),
         settings: ProcessingSettings::from_config(&config),
         cancel: shutdown.clone(),
         metrics: Default::default(),

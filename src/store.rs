@@ -28,6 +28,9 @@ pub const TRANSIENT_CODES: &[i32] = &[
     13435, // NotPrimaryNoSecondaryOk
     13436, // NotPrimaryOrSecondary
     64,    // WriteConcernFailed (wtimeout)
+    // Refusals of this client, not of a record: fixed by an operator, after which the same write succeeds.
+    13, // Unauthorized
+    18, // AuthenticationFailed
 ];
 
 /// E11000: an upsert whose filter missed found the `_id` already taken.
@@ -139,6 +142,44 @@ pub fn error_code(err: &MongoError) -> Option<i32> {
     }
 }
 
+/// What MongoDB refuses this client, if the error says so: `credentials` (authentication failed),
+/// `certificate` (the TLS handshake could not verify the server's certificate: an unknown CA, or a certificate for
+/// another host name) or `authorization` (the user lacks a privilege). With what to check, for the log.
+pub fn refusal(err: &MongoError) -> Option<(&'static str, &'static str)> {
+    const CREDENTIALS: (&str, &str) = (
+        "credentials",
+        "MongoDB refused the credentials of MONGODB_URI (user, password, authSource, authMechanism)",
+    );
+    match err.kind.as_ref() {
+        ErrorKind::Authentication { .. } => return Some(CREDENTIALS),
+        _ if error_code(err) == Some(18) => return Some(CREDENTIALS),
+        _ if error_code(err) == Some(13) => {
+            return Some((
+                "authorization",
+                "The MongoDB user of MONGODB_URI lacks a privilege the daemon needs (readWrite on MONGODB_DATABASE)",
+            ));
+        }
+        _ => {}
+    }
+    // Once the driver has failed to connect, later operations get a server-selection error that carries the
+    // connection's error as text: a failed authentication, or a failed TLS handshake as the TLS library says it.
+    let text = err.to_string();
+    let says = |parts: &[&str]| parts.iter().any(|p| text.contains(p));
+    if says(&[
+        "SCRAM failure",
+        "AuthenticationFailed",
+        "Authentication failed",
+    ]) {
+        return Some(CREDENTIALS);
+    }
+    says(&["invalid peer certificate", "certificate verify failed", "UnknownIssuer"])
+        .then_some((
+            "certificate",
+            "The TLS handshake with MongoDB failed: its certificate could not be verified (tlsCAFile in \
+             MONGODB_URI, and the host names in it)",
+        ))
+}
+
 /// True when retrying the same operation later can succeed.
 pub fn is_transient(err: &MongoError) -> bool {
     if err.contains_label("RetryableWriteError")
@@ -198,6 +239,17 @@ mod tests {
         assert_eq!(own.journal, Some(false));
         assert_eq!(own.w_timeout, Some(Duration::from_millis(2500)));
         assert_eq!(wc("mongodb://h/?journal=true").await.journal, Some(true));
+    }
+
+    #[test]
+    fn refusals_name_their_cause_and_other_errors_none() {
+        let cause = |e: &MongoError| refusal(e).map(|(what, _)| what);
+        assert_eq!(cause(&command_error(18)), Some("credentials")); // AuthenticationFailed
+        assert_eq!(cause(&command_error(13)), Some("authorization")); // Unauthorized
+        // The driver's other refusals (an Authentication kind, a TLS handshake's text inside a server-selection
+        // error) have no public constructors: tests/secured.rs meets each on a real server.
+        assert_eq!(cause(&command_error(10107)), None);
+        assert_eq!(cause(&command_error(121)), None);
     }
 
     #[test]

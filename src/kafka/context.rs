@@ -35,6 +35,8 @@ pub(crate) struct GroupContext {
     pub missing_topics: Mutex<MissingTopic>,
     /// The claimed group instance id (`KAFKA_GROUP_INSTANCE_ID=auto`), held as long as the consumer lives.
     pub instance_slot: Option<super::membership::InstanceSlot>,
+    /// What the brokers refuse (credentials, certificate, ACLs), shared with the dead-letter producer.
+    pub access: Arc<super::access::AccessWatch>,
 }
 
 /// A subscribed topic that does not exist is normal at first: a new deployment's connector creates its topic
@@ -167,7 +169,14 @@ impl GroupContext {
 }
 
 impl ClientContext for GroupContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        super::access::forward_log(level, fac, message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
+        if self.access.report("consumer", &error, reason) {
+            return;
+        }
         if is_missing_topic(&error) {
             let line = crate::lock(&self.missing_topics).observe(Instant::now());
             match line {
@@ -271,6 +280,7 @@ impl ConsumerContext for GroupContext {
                 metrics::counter!(crate::catalogue::REBALANCES, "kind" => "assign").increment(1);
                 if tpl.count() > 0 {
                     crate::lock(&self.missing_topics).clear();
+                    self.access.clear();
                 }
                 self.health.add_assigned(tpl.count());
                 tracing::info!(partitions = ?tpl_to_vec(tpl), "Partitions assigned");

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::access::AccessWatch;
 use super::context::GroupContext;
 use super::handoff::{Handoff, Polled, Revocation};
 use super::{Kafka, OffsetTracker, Tp, client, is_missing_topic, to_tpl, tpl_to_vec};
@@ -52,6 +53,7 @@ pub async fn run(
     config: &Config,
     processor: Arc<Processor>,
     health: Arc<Health>,
+    access: Arc<AccessWatch>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
@@ -69,6 +71,7 @@ pub async fn run(
         out_of_group: out_of_group.clone(),
         missing_topics: Default::default(),
         instance_slot: None,
+        access: access.clone(),
     };
     let consumer = Arc::new(create_consumer(config, context).map_err(|e| {
         anyhow::anyhow!("creating the Kafka consumer (KAFKA_BOOTSTRAP_SERVERS, KAFKA_TOPICS): {e}")
@@ -90,6 +93,7 @@ pub async fn run(
         polled,
         tracker,
         health,
+        access,
         lanes: lanes.clone(),
         shutdown,
         out_of_group: out_of_group.clone(),
@@ -242,6 +246,8 @@ struct Loop<'a> {
     polled: mpsc::Receiver<Polled>,
     tracker: Arc<Mutex<OffsetTracker>>,
     health: Arc<Health>,
+    /// What the brokers refuse: a record received means that whatever it was is over.
+    access: Arc<AccessWatch>,
     lanes: Lanes,
     shutdown: CancellationToken,
     /// Cancelled when the consumer gave up getting back into its group: the loop ends as on shutdown.
@@ -364,11 +370,14 @@ impl Loop<'_> {
         batch: &mut Vec<OwnedMessage>,
         hold: bool,
     ) -> anyhow::Result<bool> {
+        if matches!(polled, Some(Polled::Records(_))) {
+            self.access.clear();
+        }
         match polled {
             Some(Polled::Records(r)) if hold => self.carry.extend(r),
             Some(Polled::Records(r)) => batch.extend(r),
             Some(Polled::Error(e)) => {
-                recv_error(e);
+                recv_error(e, &self.access);
                 return Ok(false);
             }
             Some(Polled::Revoked(r)) => self.revoked(r, batch).await,
@@ -680,8 +689,12 @@ fn stalled_list(stalled: &[(Tp, i64, Duration)]) -> Vec<crate::health::StalledPa
         .collect()
 }
 
-fn recv_error(e: KafkaError) {
+fn recv_error(e: KafkaError, access: &AccessWatch) {
     metrics::counter!(crate::catalogue::CONSUMER_ERRORS).increment(1);
+    // A refusal is said by the watch (once, not with every poll that returns it).
+    if access.report("consumer", &e, "returned by a poll") {
+        return;
+    }
     if is_missing_topic(&e) {
         // The consumer's context says it, once, and again only if the topic stays missing.
         debug!(error = %e, "Kafka consumer error");

@@ -5,8 +5,10 @@
 //!   revoked partitions and the drain on shutdown. Read it to change what is committed when.
 //! - [`offsets`]: which offsets may be committed (the first unfinished offset per partition).
 //! - [`context`]: librdkafka's callbacks: rebalances (handed to the loop), statistics, client errors.
+//! - [`access`]: what the brokers refuse this client (credentials, certificate, ACLs): said once, and readiness.
 //! - [`client`]: how every Kafka client is configured. Read it to change the Kafka side.
 
+pub mod access;
 pub mod client;
 pub(crate) mod context;
 pub mod delivery;

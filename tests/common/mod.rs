@@ -7,6 +7,7 @@
 //! them. End-to-end tests also need `POSTGRES_URL` and `KAFKA_CONNECT_URL` (from `scripts/stack env`).
 #![allow(dead_code)]
 
+pub mod pipeline;
 pub mod process;
 
 use std::future::Future;
