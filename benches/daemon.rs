@@ -1210,7 +1210,7 @@ async fn main() -> anyhow::Result<()> {
     let (n_kafka, n_mongo, n_per_event) = if env.quick {
         (5_000, 600, 150)
     } else {
-        (200_000, 4_000, 600)
+        (200_000, 20_000, 3_000)
     };
     let mut out = serde_json::Map::new();
     out.insert("machine".into(), machine());
@@ -1374,10 +1374,12 @@ async fn main() -> anyhow::Result<()> {
         let runs = latency_runs(&env, false, count, rate).await?;
         lat.insert(format!("kafka_{rate}_per_s"), summarize(runs));
     }
-    let (count, rate) = if env.quick { (40, 20.0) } else { (200, 20.0) };
-    eprintln!("[bench] PostgreSQL -> MongoDB latency at {rate}/s, {count} events");
-    let runs = latency_runs(&env, true, count, rate).await?;
-    lat.insert(format!("postgres_{rate}_per_s"), summarize(runs));
+    for rate in [20.0, 100.0] {
+        let count = (rate * if env.quick { 2.0 } else { 10.0 }) as usize;
+        eprintln!("[bench] PostgreSQL -> MongoDB latency at {rate}/s, {count} events");
+        let runs = latency_runs(&env, true, count, rate).await?;
+        lat.insert(format!("postgres_{rate}_per_s"), summarize(runs));
+    }
     out.insert("latency".into(), Value::Object(lat));
     save(&out)?;
 
@@ -1386,20 +1388,29 @@ async fn main() -> anyhow::Result<()> {
         let backlog = backlog.context("the pipeline ceiling's topic")?;
         memory(&env, rate, &backlog, &mut out).await?;
         let records = workload(n_mongo);
-        let (mut one, mut three) = (Vec::new(), Vec::new());
+        let (mut one, mut two, mut three) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..env.repeat.min(2) {
             eprintln!(
-                "[bench] scaling: 1 and 3 processes, {} records",
+                "[bench] scaling: 1, 2 and 3 processes, {} records",
                 records.len()
             );
+            fresh_server(&env)?;
             one.push(scaling(&env, &records, 1).await?);
+            fresh_server(&env)?;
+            two.push(scaling(&env, &records, 2).await?);
+            fresh_server(&env)?;
             three.push(scaling(&env, &records, 3).await?);
         }
-        let (a, b) = (median(one.clone()), median(three.clone()));
+        let (a, b, c) = (
+            median(one.clone()),
+            median(two.clone()),
+            median(three.clone()),
+        );
         out.insert(
             "scaling".into(),
-            json!({"records": records.len(), "one_per_s": one, "three_per_s": three,
-            "median_one_per_s": a, "median_three_per_s": b, "ratio": b / a}),
+            json!({"records": records.len(), "one_per_s": one, "two_per_s": two, "three_per_s": three,
+            "median_one_per_s": a, "median_two_per_s": b, "median_three_per_s": c,
+            "ratio_two": b / a, "ratio": c / a}),
         );
     } else {
         bail!("BENCH_BIN is not set: build the release binary and point BENCH_BIN at it");
