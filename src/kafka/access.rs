@@ -60,8 +60,9 @@ impl Refusal {
     fn advice(self) -> &'static str {
         match self {
             Refusal::Credentials => {
-                "Kafka refused this client's credentials: check KAFKA_PROPERTY_SASL_USERNAME, \
-                 KAFKA_PROPERTY_SASL_PASSWORD and KAFKA_PROPERTY_SASL_MECHANISM"
+                "Kafka refused this client's credentials: check KAFKA_PROPERTY_SASL_MECHANISM and its \
+                 credentials (KAFKA_PROPERTY_SASL_USERNAME and KAFKA_PROPERTY_SASL_PASSWORD; for OAUTHBEARER \
+                 with OIDC, KAFKA_PROPERTY_SASL_OAUTHBEARER_CLIENT_ID, _CLIENT_SECRET and _TOKEN_ENDPOINT_URL)"
             }
             Refusal::Certificate => {
                 "The TLS handshake with a Kafka broker failed: its certificate could not be verified \
@@ -142,12 +143,12 @@ impl AccessWatch {
     }
 }
 
-/// librdkafka's log, as rdkafka forwards it by default, but for its `FAIL` lines: a failed connection is also
-/// reported to the error callback, where a refusal is said once ([`AccessWatch`]) and any other error is logged,
-/// so the log line is only kept at debug.
+/// librdkafka's log, as rdkafka forwards it by default, but for its `FAIL` and `OIDC` lines: a failed connection
+/// or token retrieval is also reported to the error callback, where a refusal is said once ([`AccessWatch`]) and
+/// any other error is logged, so the log line is only kept at debug.
 pub fn forward_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
     use RDKafkaLogLevel as L;
-    if fac == "FAIL" {
+    if fac == "FAIL" || fac == "OIDC" {
         tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}");
         return;
     }
